@@ -1,0 +1,35 @@
+# `make test` on a fresh Debian 12 machine installs what it needs and runs everything;
+# .ci/run runs exactly this.
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test venv lint demo bench clean
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+# Rebuilt when the dependencies or the system packages change.
+$(STAMP): pyproject.toml tools/install-system-deps.sh
+	bash tools/install-system-deps.sh
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+demo: $(STAMP)
+	$(VENV)/bin/python tools/demo.py
+
+bench: $(STAMP)
+	@if [ -f bench/run.py ]; then $(VENV)/bin/python bench/run.py; \
+	else echo "bench: bench/run.py is not written yet"; fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

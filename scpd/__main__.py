@@ -1,0 +1,3 @@
+from scpd.cli import main
+
+raise SystemExit(main())

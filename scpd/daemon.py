@@ -1,0 +1,205 @@
+"""Composition root: builds the parts, owns signals and the main loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+from scpd import config as config_module
+from scpd import logs, sdnotify
+from scpd.config import Config, Watch
+from scpd.pool import Pool
+from scpd.settle import Settler
+from scpd.store import JobState, Store, lock_state_dir
+from scpd.transport import Credentials, load_credentials
+from scpd.watcher import Watcher, scan
+
+log = logging.getLogger("scpd.daemon")
+
+_TICK_SECONDS = 0.1
+_STOP_GRACE_SECONDS = 5.0  # in-flight uploads may finish; the unit allows 10 s in all
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_OWED = 75
+
+
+@dataclass
+class _Flags:
+    """Set by signal handlers, acted on by the main loop (handlers do nothing else)."""
+
+    stop_requests: int = 0
+    should_reload: bool = False
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self._lock_fd = lock_state_dir(config.state_dir)
+        self.store = Store.open(config.state_dir)
+        self.credentials = _load_all_credentials(config)
+        self.settler = Settler()
+        self.pool = Pool(config, self.store, self.credentials)
+        self.watcher: Watcher | None = None
+        self.flags = _Flags()
+
+    # -- the two ways to run ------------------------------------------------------------------
+
+    def run_forever(self) -> int:
+        self._install_signal_handlers()
+        interrupted = self.store.requeue_interrupted()
+        if interrupted:
+            log.info("%d transfers were cut by the last stop; queued again", interrupted)
+        self._start_watching()
+        self.pool.start()
+        sdnotify.notify(f"READY=1\nSTATUS={self._status_line()}")
+        log.info("scpd ready: watching %s", ", ".join(str(w.path) for w in self.config.watches))
+        self._main_loop()
+        sdnotify.notify("STOPPING=1")
+        log.info("stopping: letting transfers in flight finish")
+        self._shutdown(grace_seconds=0.0 if self.flags.stop_requests > 1
+                       else _STOP_GRACE_SECONDS)
+        self.close()
+        return EXIT_OK
+
+    def run_once(self, timeout_seconds: float) -> int:
+        """Scan, deliver everything owed, exit: 0 all delivered, 75 some owed, 1 some failed."""
+        self._install_signal_handlers()
+        self.store.requeue_interrupted()
+        self.store.make_all_due()  # an explicit request ignores saved backoff
+        self._scan_all()
+        self.pool.start()
+        deadline = time.monotonic() + timeout_seconds
+        while self.flags.stop_requests == 0 and time.monotonic() < deadline:
+            self._enqueue_ready()
+            if not len(self.settler) and not self._owed_count():
+                break
+            time.sleep(_TICK_SECONDS)
+        self._shutdown(grace_seconds=0.0 if self.flags.stop_requests else _STOP_GRACE_SECONDS)
+        counts = self.store.counts(self._watch_names())
+        failed = sum(c[JobState.FAILED] for c in counts.values())
+        owed = self._owed_count(counts) + len(self.settler)
+        self.close()
+        if failed:
+            log.error("%d file(s) failed for good; see the errors above, then: scpd retry",
+                      failed)
+            return EXIT_FAILED
+        if owed:
+            log.warning("%d file(s) still owed after %.0fs; they are queued for the next run",
+                        owed, timeout_seconds)
+            return EXIT_OWED
+        return EXIT_OK
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _main_loop(self) -> None:
+        ping_every = sdnotify.watchdog_interval_seconds()
+        next_ping = next_status = 0.0
+        while not self.flags.stop_requests:
+            self._enqueue_ready()
+            if self.flags.should_reload:
+                self.flags.should_reload = False
+                self._reload()
+            now = time.monotonic()
+            if ping_every and now >= next_ping and self._is_healthy():
+                sdnotify.notify("WATCHDOG=1")
+                next_ping = now + ping_every
+            if now >= next_status:
+                sdnotify.notify(f"STATUS={self._status_line()}")
+                next_status = now + 1.0
+            time.sleep(_TICK_SECONDS)
+
+    def _enqueue_ready(self) -> None:
+        for ready in self.settler.take_ready():
+            watch = self.config.watch(ready.watch)
+            for target in watch.targets:
+                if self.store.enqueue(watch.name, target, ready.rel_path, ready.version):
+                    logs.event(logging.INFO, "queued", "queued %s for %s", ready.rel_path,
+                               target, watch=watch.name, target=target, path=ready.path,
+                               bytes=ready.version.size)
+                    self.pool.wake(target)
+
+    def _note(self, watch: Watch, path: str, rel_path: str, is_closed: bool) -> None:
+        self.settler.note(watch.name, path, rel_path, watch.settle_seconds, is_closed=is_closed)
+
+    def _scan_all(self) -> None:
+        for watch in self.config.watches:
+            for path, rel_path in scan(watch):
+                self._note(watch, path, rel_path, False)
+
+    def _start_watching(self) -> None:
+        # Watch first, then scan: a file written in between is seen by one or the other.
+        self.watcher = Watcher(self.config.watches, self._note, self.settler.forget)
+        self.watcher.start()
+        self._scan_all()
+
+    def _reload(self) -> None:
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        sdnotify.notify(f"RELOADING=1\nMONOTONIC_USEC={now_usec}")
+        try:
+            new_config = config_module.load(self.config.path)
+            if new_config.state_dir != self.config.state_dir:
+                raise config_module.ConfigErrors([config_module.ConfigError(
+                    "daemon.state_dir", "cannot change on reload (restart scpd instead)")])
+            credentials = _load_all_credentials(new_config)
+        except Exception as exc:  # noqa: BLE001 -- any bad new config keeps the old one running
+            log.error("reload failed, keeping the running config: %s", exc)
+            sdnotify.notify("READY=1")
+            return
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.pool.stop(_STOP_GRACE_SECONDS)
+        self.config, self.credentials = new_config, credentials
+        self.settler = Settler()
+        self.pool = Pool(new_config, self.store, credentials)
+        self._start_watching()
+        self.pool.start()
+        log.info("config reloaded from %s (queue kept)", new_config.path)
+        sdnotify.notify(f"READY=1\nSTATUS={self._status_line()}")
+
+    def _shutdown(self, grace_seconds: float) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.pool.stop(grace_seconds)
+
+    def close(self) -> None:
+        self.store.close()
+        os.close(self._lock_fd)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def _watch_names(self) -> tuple[str, ...]:
+        return tuple(w.name for w in self.config.watches)
+
+    def _owed_count(self, counts: dict[str, dict[str, int]] | None = None) -> int:
+        counts = self.store.counts(self._watch_names()) if counts is None else counts
+        return sum(c[JobState.PENDING] + c[JobState.SENDING] for c in counts.values())
+
+    def _status_line(self) -> str:
+        counts = self.store.counts(self._watch_names())
+        pending = sum(c[JobState.PENDING] for c in counts.values())
+        failed = sum(c[JobState.FAILED] for c in counts.values())
+        line = (f"watching {len(self.config.watches)} dir(s); {pending} queued, "
+                f"{self.pool.busy_count()} sending, {self.pool.bytes_sent} bytes sent")
+        return line + (f", {failed} failed" if failed else "")
+
+    def _is_healthy(self) -> bool:
+        return self.pool.is_healthy() and (self.watcher is None or self.watcher.is_alive())
+
+    def _install_signal_handlers(self) -> None:
+        def on_stop(signum, frame):
+            self.flags.stop_requests += 1
+
+        def on_hup(signum, frame):
+            self.flags.should_reload = True
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
+
+
+def _load_all_credentials(config: Config) -> dict[str, Credentials]:
+    return {name: load_credentials(target) for name, target in config.targets.items()}

@@ -1,0 +1,143 @@
+"""The error family of scpd, and the one place where foreign exceptions are sorted.
+
+ScpdError
+├── ConfigError          exit 78, never retried; carries the dotted key path
+├── PermanentError       job failed (or target unusable); an operator must act
+│   ├── HostKeyError, AuthError, RemotePathError, LocalReadError, UnsupportedNameError
+├── RetryableError       job back to pending with a backoff
+│   ├── ConnectError, TransferInterrupted, RemoteFullError
+├── FileChangedError     the file changed while it was read: its new version is queued
+└── SourceVanished       the file is gone before it could be sent: dropped, logged
+"""
+
+from __future__ import annotations
+
+import socket
+
+import paramiko
+
+
+class ScpdError(Exception):
+    """Root of every error scpd raises on purpose."""
+
+
+class ConfigError(ScpdError):
+    """A configuration problem, with the dotted key path (or file) it concerns."""
+
+    def __init__(self, key_path: str, problem: str):
+        super().__init__(f"{key_path}: {problem}" if key_path else problem)
+        self.key_path = key_path
+        self.problem = problem
+
+
+class ConfigErrors(ScpdError):
+    """Every problem found in one config file, reported together."""
+
+    def __init__(self, errors: list[ConfigError]):
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+
+
+class PermanentError(ScpdError):
+    """Retrying will not help until an operator changes something."""
+
+    #: True when the whole target is unusable (auth, host key), not just this file.
+    is_target_level = False
+
+
+class HostKeyError(PermanentError):
+    is_target_level = True
+
+
+class AuthError(PermanentError):
+    is_target_level = True
+
+
+class RemotePathError(PermanentError):
+    """The remote refused the path: permission denied, not a directory, no scp."""
+
+
+class LocalReadError(PermanentError):
+    """The local file exists but cannot be read."""
+
+
+class UnsupportedNameError(PermanentError):
+    """A file name that cannot be carried to the remote."""
+
+
+class RetryableError(ScpdError):
+    """A fault that may go away by itself: the job waits and tries again."""
+
+
+class ConnectError(RetryableError):
+    pass
+
+
+class TransferInterrupted(RetryableError):
+    pass
+
+
+class RemoteFullError(RetryableError):
+    pass
+
+
+class FileChangedError(ScpdError):
+    """The local file changed while it was being sent; its copy was discarded."""
+
+
+class SourceVanished(ScpdError):
+    """The local file disappeared before or while it was sent."""
+
+
+# Remote scp/mv messages, in the order they are tried; the text is what OpenSSH prints.
+_REMOTE_MESSAGES: list[tuple[str, type[ScpdError]]] = [
+    ("No space left on device", RemoteFullError),
+    ("Disk quota exceeded", RemoteFullError),
+    ("Permission denied", RemotePathError),
+    ("Read-only file system", RemotePathError),
+    ("Not a directory", RemotePathError),
+    ("No such file or directory", RemotePathError),
+    ("Is a directory", RemotePathError),
+    ("sftp connections only", RemotePathError),
+    ("command not found", RemotePathError),
+]
+
+
+def classify_remote_message(message: str) -> ScpdError:
+    """Sort an error the remote side printed (scp's \\x01 line or the shell's stderr)."""
+    for needle, cls in _REMOTE_MESSAGES:
+        if needle in message:
+            return cls(f"remote: {message}")
+    # Unknown remote trouble: retry with backoff rather than lose the file.
+    return TransferInterrupted(f"remote: {message}")
+
+
+def classify(exc: BaseException) -> ScpdError:
+    """Map a paramiko, socket or OS exception to the scpd family. Nothing else inspects them."""
+    if isinstance(exc, ScpdError):
+        return exc
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyError(
+            f"host key for {exc.hostname} does not match known_hosts "
+            f"(got {exc.key.get_name()} {exc.key.fingerprint}): possible man-in-the-middle"
+        )
+    if isinstance(exc, paramiko.AuthenticationException):
+        # paramiko says "Authentication failed" also when the link died during auth.
+        if "transport shut down or saw EOF" in str(exc):
+            return ConnectError(f"connection lost during authentication: {exc}")
+        return AuthError(f"authentication failed: {exc}")
+    if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
+        return HostKeyError(f"{exc} (add the host key to the configured known_hosts)")
+    if isinstance(exc, paramiko.ssh_exception.IncompatiblePeer):
+        return PermanentError(f"incompatible SSH server: {exc}")
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return ConnectError(f"cannot connect: {exc}")
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(f"cannot resolve host name: {exc.strerror or exc}")
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return TransferInterrupted("timed out waiting for the remote")
+    if isinstance(exc, EOFError | paramiko.SSHException | ConnectionError):
+        return TransferInterrupted(f"connection lost: {exc or type(exc).__name__}")
+    if isinstance(exc, OSError):
+        return TransferInterrupted(f"network error: {exc}")
+    raise exc

@@ -1,0 +1,352 @@
+"""The durable queue in SQLite: schema, migrations, and every statement scpd runs.
+
+One row per (watch, target, relative path). The row holds the version last queued, the
+version last delivered, and the retry state, so everything that must survive a crash is a
+column. `generation` counts queued versions: a delivery is recorded as final only if no newer
+version was queued while it was being sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import enum
+import fcntl
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from scpd.errors import ScpdError
+from scpd.fileversion import FileVersion
+
+DB_NAME = "queue.sqlite3"
+LOCK_NAME = "scpd.lock"
+
+# Index i upgrades the schema from user_version i to i + 1. Append; never edit a shipped step.
+MIGRATIONS = [
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        watch TEXT NOT NULL,
+        target TEXT NOT NULL,
+        rel_path BLOB NOT NULL,            -- file names are bytes, and not every name is UTF-8
+        state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'delivered', 'failed')),
+        size INTEGER NOT NULL,             -- version last queued
+        mtime_ns INTEGER NOT NULL,
+        inode INTEGER NOT NULL,
+        generation INTEGER NOT NULL DEFAULT 1,
+        delivered_size INTEGER,            -- version last delivered (NULL: never)
+        delivered_mtime_ns INTEGER,
+        delivered_at REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        first_failure_at REAL,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT,
+        last_error_at REAL,
+        queued_at REAL NOT NULL,
+        UNIQUE (watch, target, rel_path)
+    );
+    CREATE INDEX jobs_due ON jobs (target, state, next_attempt_at);
+    """,
+]
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class StateDirBusyError(ScpdError):
+    """Another scpd process holds this state directory."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    watch: str
+    target: str
+    rel_path: str
+    version: FileVersion
+    generation: int
+    attempts: int
+    first_failure_at: float | None
+
+
+class Store:
+    """The queue. Thread-safe: one connection, one lock, short transactions."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=10)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL under WAL survives a crash of scpd; a power cut may lose the last commits,
+        # which costs at most a resend (start-up scan), never a lost file.
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    @classmethod
+    def open(cls, state_dir: Path) -> Store:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(state_dir / DB_NAME)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for step, script in enumerate(MIGRATIONS[version:], start=version):
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {step + 1}")
+
+    # -- producers ---------------------------------------------------------------------------
+
+    def enqueue(self, watch: str, target: str, rel_path: str, version: FileVersion,
+                now: float | None = None) -> bool:
+        """Queue this version unless it is already delivered or already queued. True if queued."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            cursor = db.execute(
+                """
+                INSERT INTO jobs (watch, target, rel_path, state, size, mtime_ns, inode,
+                                  queued_at)
+                VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)
+                ON CONFLICT (watch, target, rel_path) DO UPDATE SET
+                    size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode,
+                    generation = generation + 1,
+                    state = CASE state WHEN 'sending' THEN 'sending' ELSE 'pending' END,
+                    attempts = 0, first_failure_at = NULL, next_attempt_at = 0,
+                    queued_at = excluded.queued_at
+                WHERE NOT (delivered_size IS excluded.size
+                           AND delivered_mtime_ns IS excluded.mtime_ns)
+                  AND NOT (size = excluded.size AND mtime_ns = excluded.mtime_ns
+                           AND state != 'delivered')
+                """,
+                (watch, target, os.fsencode(rel_path), version.size, version.mtime_ns,
+                 version.inode, now))
+            return cursor.rowcount > 0
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def claim(self, target: str, watches: tuple[str, ...], now: float | None = None
+              ) -> Job | None:
+        """The next due job of this target for one of these watches, now marked sending;
+        None if nothing is due. (Rows of watches no longer configured stay, untouched.)"""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute(
+                f"""
+                SELECT id, watch, target, rel_path, size, mtime_ns, inode, generation,
+                       attempts, first_failure_at
+                FROM jobs WHERE target = ? AND state = 'pending' AND next_attempt_at <= ?
+                  AND watch IN ({_placeholders(watches)})
+                ORDER BY next_attempt_at, id LIMIT 1
+                """,  # noqa: S608 -- only placeholders are formatted in
+                (target, now, *watches)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = 'sending' WHERE id = ?", (row[0],))
+        return Job(id=row[0], watch=row[1], target=row[2], rel_path=os.fsdecode(row[3]),
+                   version=FileVersion(row[4], row[5], row[6]), generation=row[7],
+                   attempts=row[8], first_failure_at=row[9])
+
+    def mark_delivered(self, job: Job, sent: FileVersion, now: float | None = None) -> bool:
+        """Record what reached the remote. True if the job is done, False if a newer version
+        was queued meanwhile (the job is then pending again)."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                """
+                UPDATE jobs SET delivered_size = ?, delivered_mtime_ns = ?, delivered_at = ?,
+                    attempts = 0, first_failure_at = NULL, last_error = NULL,
+                    next_attempt_at = 0,
+                    state = CASE generation WHEN ? THEN 'delivered' ELSE 'pending' END,
+                    size = CASE generation WHEN ? THEN ? ELSE size END,
+                    mtime_ns = CASE generation WHEN ? THEN ? ELSE mtime_ns END,
+                    inode = CASE generation WHEN ? THEN ? ELSE inode END
+                WHERE id = ?
+                """,
+                (sent.size, sent.mtime_ns, now, job.generation, job.generation, sent.size,
+                 job.generation, sent.mtime_ns, job.generation, sent.inode, job.id))
+            state = db.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone()
+        return state is not None and state[0] == JobState.DELIVERED
+
+    def mark_retry(self, job: Job, error: str, next_attempt_at: float,
+                   now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                """
+                UPDATE jobs SET state = 'pending', attempts = attempts + 1,
+                    first_failure_at = COALESCE(first_failure_at, ?),
+                    next_attempt_at = ?, last_error = ?, last_error_at = ?
+                WHERE id = ?
+                """, (now, next_attempt_at, error, now, job.id))
+
+    def mark_failed(self, job: Job, error: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                """
+                UPDATE jobs SET state = CASE generation WHEN ? THEN 'failed' ELSE 'pending' END,
+                    attempts = attempts + 1, last_error = ?, last_error_at = ?
+                WHERE id = ?
+                """, (job.generation, error, now, job.id))
+
+    def release(self, job: Job) -> None:
+        """Back to pending at once, untouched (e.g. the daemon is stopping)."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET state = 'pending' WHERE id = ? AND state = 'sending'",
+                       (job.id,))
+
+    def drop(self, job: Job) -> None:
+        """Forget a job whose file vanished (unless a new version was queued meanwhile)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM jobs WHERE id = ? AND generation = ?",
+                       (job.id, job.generation))
+            db.execute("UPDATE jobs SET state = 'pending' WHERE id = ? AND state = 'sending'",
+                       (job.id,))
+
+    # -- start-up and reporting --------------------------------------------------------------
+
+    def requeue_interrupted(self) -> int:
+        """Jobs left 'sending' by a crash go back to pending. Returns how many."""
+        with self._transaction() as db:
+            return db.execute("UPDATE jobs SET state = 'pending' WHERE state = 'sending'"
+                              ).rowcount
+
+    def make_all_due(self) -> None:
+        """An explicit request (run --once) ignores saved backoff."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET next_attempt_at = 0 WHERE state = 'pending'")
+
+    def next_due_at(self, target: str, watches: tuple[str, ...]) -> float | None:
+        with self._lock:
+            row = self._db.execute(
+                f"""
+                SELECT MIN(next_attempt_at) FROM jobs
+                WHERE target = ? AND state = 'pending' AND watch IN ({_placeholders(watches)})
+                """,  # noqa: S608 -- only placeholders are formatted in
+                (target, *watches)).fetchone()
+        return row[0]
+
+    def counts(self, watches: tuple[str, ...]) -> dict[str, dict[str, int]]:
+        """{target: {state: n}} over the jobs of these watches."""
+        with self._lock:
+            rows = self._db.execute(
+                f"""
+                SELECT target, state, COUNT(*) FROM jobs
+                WHERE watch IN ({_placeholders(watches)}) GROUP BY target, state
+                """,  # noqa: S608 -- only placeholders are formatted in
+                watches).fetchall()
+        result: dict[str, dict[str, int]] = {}
+        for target, state, n in rows:
+            result.setdefault(target, {s.value: 0 for s in JobState})[state] = n
+        return result
+
+    @staticmethod
+    def empty_summary() -> dict[str, object]:
+        return {"pending": 0, "sending": 0, "failed": 0, "delivered": 0, "bytes_delivered": 0,
+                "oldest_pending_age_s": None, "paused": False, "last_error": None,
+                "last_error_at": None}
+
+    def summaries(self, watches: tuple[str, ...], now: float) -> dict[str, dict[str, object]]:
+        """Per target, the fields of `scpd status --json`."""
+        with self._lock:
+            rows = self._db.execute(
+                f"""
+                SELECT target,
+                  SUM(state = 'pending'), SUM(state = 'sending'), SUM(state = 'failed'),
+                  SUM(state = 'delivered'),
+                  COALESCE(SUM(CASE state WHEN 'delivered' THEN delivered_size END), 0),
+                  MIN(CASE WHEN state IN ('pending', 'sending') THEN queued_at END)
+                FROM jobs WHERE watch IN ({_placeholders(watches)}) GROUP BY target
+                """,  # noqa: S608 -- only placeholders are formatted in
+                watches).fetchall()
+            # SQLite takes bare columns from the row holding the MAX(): the latest error.
+            errors = {target: (message, at) for target, message, at in self._db.execute(
+                """
+                SELECT target, last_error, MAX(last_error_at) FROM jobs
+                WHERE last_error IS NOT NULL GROUP BY target
+                """)}
+        result = {}
+        for target, pending, sending, failed, delivered, nbytes, oldest in rows:
+            summary = self.empty_summary()
+            summary.update(pending=pending, sending=sending, failed=failed, delivered=delivered,
+                           bytes_delivered=nbytes,
+                           oldest_pending_age_s=None if oldest is None else round(now - oldest, 1))
+            if target in errors:
+                message, at = errors[target]
+                summary["last_error"] = message
+                summary["last_error_at"] = datetime.datetime.fromtimestamp(
+                    float(at), datetime.UTC).isoformat(timespec="seconds")
+            result[target] = summary
+        return result
+
+    def retry_failed(self, target: str | None = None,
+                     rel_paths: list[tuple[str, str]] | None = None) -> int:
+        """Failed jobs back to pending, due now. rel_paths: (watch, relative path) pairs."""
+        query = "UPDATE jobs SET state = 'pending', next_attempt_at = 0, attempts = 0," \
+                " first_failure_at = NULL WHERE state = 'failed'"
+        params: list[object] = []
+        if target:
+            query += " AND target = ?"
+            params.append(target)
+        with self._transaction() as db:
+            if not rel_paths:
+                return db.execute(query, params).rowcount
+            return sum(db.execute(query + " AND watch = ? AND rel_path = ?",
+                                  [*params, watch, os.fsencode(rel)]).rowcount
+                       for watch, rel in rel_paths)
+
+    def is_delivered_everywhere(self, watch: str, rel_path: str, version: FileVersion,
+                                targets: tuple[str, ...]) -> bool:
+        """True once every target of the watch has this version of the file."""
+        with self._lock:
+            n = self._db.execute(
+                f"""
+                SELECT COUNT(*) FROM jobs WHERE watch = ? AND rel_path = ? AND state = 'delivered'
+                  AND delivered_size = ? AND delivered_mtime_ns = ?
+                  AND target IN ({_placeholders(targets)})
+                """,  # noqa: S608 -- only placeholders are formatted in
+                (watch, os.fsencode(rel_path), version.size, version.mtime_ns, *targets)
+            ).fetchone()[0]
+        return n == len(targets)
+
+
+def _placeholders(values: tuple[str, ...]) -> str:
+    return ",".join("?" * len(values)) or "NULL"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on the state directory for this process's lifetime."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateDirBusyError(f"another scpd is running with state_dir {state_dir}") from None
+    return fd

@@ -1,0 +1,79 @@
+"""Config files for scpd pointed at the session sshd, and scpd run as a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tools.sshd import ThrowawaySshd
+
+
+@dataclass
+class Setup:
+    """One scpd config: a watched directory, a remote directory, the config file."""
+
+    config: Path
+    watch_dir: Path
+    remote_dir: Path
+    state_dir: Path
+
+    def scpd(self, *args: str, timeout: float = 60, env: dict | None = None
+             ) -> subprocess.CompletedProcess[str]:
+        return run_scpd(*args, "-c", str(self.config), timeout=timeout, env=env)
+
+    def start_daemon(self, *extra: str, env: dict | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "scpd", "run", "-c", str(self.config), *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})})
+
+
+def run_scpd(*args: str, timeout: float = 60, env: dict | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "scpd", *args], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})},
+                          check=False)
+
+
+def write_config(tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path,
+                 *, target_extra: str = "", watch_extra: str = "", port: int | None = None
+                 ) -> Setup:
+    watch_dir = tmp_path / "outbox"
+    watch_dir.mkdir(exist_ok=True)
+    state_dir = tmp_path / "state"
+    config = tmp_path / "scpd.toml"
+    config.write_text(f"""
+[daemon]
+state_dir = "{state_dir}"
+
+[targets.local]
+host = "127.0.0.1"
+port = {port or sshd.port}
+user = "{sshd.user}"
+identity_file = "{sshd.client_key}"
+known_hosts = "{known_hosts}"
+remote_dir = "{remote_dir}"
+connect_timeout = "3s"
+io_timeout = "5s"
+retry_initial = "200ms"
+retry_max = "1s"
+{target_extra}
+
+[[watch]]
+name = "outbox"
+path = "{watch_dir}"
+targets = ["local"]
+settle = "300ms"
+{watch_extra}
+""")
+    return Setup(config=config, watch_dir=watch_dir, remote_dir=remote_dir, state_dir=state_dir)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path) -> Setup:
+    return write_config(tmp_path, sshd, known_hosts, remote_dir)

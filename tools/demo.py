@@ -1,0 +1,3 @@
+"""Placeholder: the lead replaces this with the real demo."""
+
+print("demo: not yet")
