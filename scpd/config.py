@@ -286,12 +286,12 @@ class _Reader:
 
     def watch(self, index: int, raw: Any, targets: dict[str, Target]) -> Watch:
         kp = f"watch[{index}]"
+        if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+            kp = f"watch.{raw['name']}"  # once it has a name, problems are reported under it
         w = self.table(raw, kp, {
             "name", "path", "targets", "recursive", "include", "exclude", "default_excludes",
             "settle", "on_success", "archive_dir"})
-        name = self.get(w, "name", kp, str, f"watch{index}", required=True)
-        if "name" in w and isinstance(w["name"], str):
-            kp = f"watch.{name}"  # once it has a name, problems are reported under it
+        name = self.get(w, "name", f"watch[{index}]", str, f"watch{index}", required=True)
         path = self.local_path(w, "path", kp, required=True)
         if path is not None:
             self.check_watch_dir(f"{kp}.path", path)

@@ -41,12 +41,14 @@ class SftpUploader(Uploader):
     def upload(self, local_path: str | os.PathLike[str], remote_path: str) -> FileVersion:
         with LocalFile(local_path) as local:
             sftp = self.client()
-            tmp = posixpath.join(posixpath.dirname(remote_path),
-                                 temp_name(posixpath.basename(remote_path)))
+            # paramiko encodes str paths as strict UTF-8; bytes carry any file name.
+            final = os.fsencode(remote_path)
+            tmp = posixpath.join(posixpath.dirname(final),
+                                 os.fsencode(temp_name(os.fsdecode(posixpath.basename(final)))))
             try:
-                self.makedirs(sftp, posixpath.dirname(remote_path))
+                self.makedirs(sftp, posixpath.dirname(final))
                 self._write(sftp, local, tmp)
-                sftp.posix_rename(tmp, remote_path)
+                sftp.posix_rename(tmp, final)
                 return local.version
             except ScpdError:
                 self._remove_quietly(sftp, tmp)
@@ -56,7 +58,8 @@ class SftpUploader(Uploader):
                     # errno None is OpenSSH's generic SSH_FX_FAILURE, which is also how a
                     # full disk shows over SFTPv3: retry rather than give the file up.
                     self._remove_quietly(sftp, tmp)
-                    raise TransferInterrupted(f"remote: {exc} while writing {tmp}") from None
+                    raise TransferInterrupted(f"remote: {exc} while writing {os.fsdecode(tmp)}"
+                                          ) from None
                 self._remove_quietly(sftp, tmp)
                 raise RemotePathError(f"remote: {exc.strerror or exc} ({remote_path})") from None
             except (EOFError, paramiko.SSHException) as exc:
@@ -76,13 +79,14 @@ class SftpUploader(Uploader):
             self._sftp_transport = transport
         return self._sftp
 
-    def makedirs(self, sftp: paramiko.SFTPClient, directory: str) -> None:
+    def makedirs(self, sftp: paramiko.SFTPClient, directory: str | bytes) -> None:
+        directory = os.fsencode(directory)
         try:
             sftp.stat(directory)
             return
         except FileNotFoundError:
             pass
-        parent = posixpath.dirname(directory.rstrip("/"))
+        parent = posixpath.dirname(directory.rstrip(b"/"))
         if parent and parent != directory:
             self.makedirs(sftp, parent)
         try:
@@ -93,7 +97,7 @@ class SftpUploader(Uploader):
             except OSError:
                 raise exc from None
 
-    def _write(self, sftp: paramiko.SFTPClient, local: LocalFile, tmp: str) -> None:
+    def _write(self, sftp: paramiko.SFTPClient, local: LocalFile, tmp: bytes) -> None:
         chunk = self.throttle.chunk_bytes(_CHUNK_BYTES)
         with sftp.open(tmp, "wb") as remote:
             remote.set_pipelined(True)
@@ -107,7 +111,7 @@ class SftpUploader(Uploader):
         if local.has_changed():
             raise FileChangedError(f"{local.path} changed while it was sent")
 
-    def _remove_quietly(self, sftp: paramiko.SFTPClient, path: str) -> None:
+    def _remove_quietly(self, sftp: paramiko.SFTPClient, path: bytes) -> None:
         try:
             sftp.remove(path)
         except (OSError, EOFError, paramiko.SSHException):

@@ -11,7 +11,7 @@ from pathlib import Path
 import paramiko
 
 from scpd.config import Target
-from scpd.errors import ConfigError, ConnectError, HostKeyError, classify
+from scpd.errors import ConfigError, ConnectError, classify
 
 log = logging.getLogger("scpd.transport")
 
@@ -158,10 +158,7 @@ class SshConnection:
         except Exception as exc:
             client.close()
             sock.close()
-            error = classify(exc)
-            if isinstance(error, HostKeyError):
-                log.error("host key problem for target %s: %s", target.name, error)
-            raise error from None
+            raise classify(exc) from None
         active = client.get_transport()
         assert active is not None
         # Keepalives do not detect a dead peer (paramiko sends them without waiting), but they

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +24,59 @@ class Setup:
     watch_dir: Path
     remote_dir: Path
     state_dir: Path
+    mtime_resolution_ns: int = 1000  # what the protocol carries: SCP microseconds
 
     def scpd(self, *args: str, timeout: float = 60, env: dict | None = None
              ) -> subprocess.CompletedProcess[str]:
         return run_scpd(*args, "-c", str(self.config), timeout=timeout, env=env)
 
-    def start_daemon(self, *extra: str, env: dict | None = None) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "scpd", "run", "-c", str(self.config), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, **(env or {})})
+    def start_daemon(self, *extra: str, env: dict | None = None) -> DaemonProcess:
+        return DaemonProcess(
+            [sys.executable, "-m", "scpd", "run", "-c", str(self.config), *extra], env=env)
+
+
+class DaemonProcess:
+    """`scpd run` as a child process, its stderr collected by a reader thread."""
+
+    def __init__(self, argv: list[str], env: dict | None = None):
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True, env={**os.environ, **(env or {})})
+        self.pid = self.process.pid
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self._lines)
+
+    def wait_for_log(self, needle: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log():
+                return True
+            if self.process.poll() is not None:
+                self._reader.join(1)
+                return needle in self.log()
+            time.sleep(0.05)
+        return False
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        """Signal the daemon and wait; kill it if it does not exit in time. Its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return None
+        self._reader.join(5)
+        return self.process.returncode
 
 
 def run_scpd(*args: str, timeout: float = 60, env: dict | None = None

@@ -1,0 +1,150 @@
+"""The command line as an operator meets it: exit codes and one-line errors, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import Setup, run_scpd
+
+import scpd
+
+ONE_LINE_ERROR = re.compile(r"^scpd: \S.*$")
+
+
+def assert_one_line_errors(stderr: str, *needles: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert lines, "no error printed"
+    assert all(ONE_LINE_ERROR.match(line) for line in lines), stderr
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in stderr, f"{needle!r} not in {stderr!r}"
+
+
+def edit(setup: Setup, old: str, new: str) -> None:
+    text = setup.config.read_text()
+    assert old in text
+    setup.config.write_text(text.replace(old, new, 1))
+
+
+BAD_CONFIGS = {
+    "unparseable TOML": ("[daemon]", "[daemon", "not valid TOML"),
+    "unknown key": ("[[watch]]", '[[watch]]\ncolour = "blue"', "watch.outbox.colour: unknown key"),
+    "wrong type": ("port = ", 'port = "22x"\n#', 'targets.local.port: expected an integer'
+                   ' 1-65535, got "22x"'),
+    "missing identity file": ("identity_file = ", 'identity_file = "/nonexistent/id"\n#',
+                              "targets.local.identity_file: file not found: /nonexistent/id"),
+    "undefined target": ('targets = ["local"]', 'targets = ["local", "offsite"]',
+                         'watch.outbox.targets: unknown target "offsite"'),
+    "bad duration": ('settle = "300ms"', 'settle = "soon"', "watch.outbox.settle: expected a"
+                     " duration"),
+}
+
+
+@pytest.mark.parametrize("command", [["check", "--offline"], ["run", "--once"]])
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_refused_with_exit_78_and_the_key_path(setup: Setup, case: str,
+                                                             command: list[str]):
+    old, new, message = BAD_CONFIGS[case]
+    edit(setup, old, new)
+
+    result = setup.scpd(*command)
+
+    assert result.returncode == 78
+    assert_one_line_errors(result.stderr, message)
+    assert not setup.state_dir.exists(), "a refused config must not start anything"
+
+
+def test_every_problem_of_a_config_is_reported_at_once(setup: Setup):
+    edit(setup, "port = ", 'port = 70000\n#')
+    edit(setup, 'settle = "300ms"', 'settle = "soon"')
+
+    result = setup.scpd("check", "--offline")
+
+    assert result.returncode == 78
+    assert_one_line_errors(result.stderr, "targets.local.port", "watch.outbox.settle")
+    assert len(result.stderr.strip().splitlines()) == 2
+
+
+def test_missing_config_file_is_named(tmp_path: Path):
+    result = run_scpd("check", "--offline", "-c", str(tmp_path / "nope.toml"))
+
+    assert result.returncode == 78
+    assert_one_line_errors(result.stderr, "nope.toml: config file not found")
+
+
+def test_config_comes_from_scpd_config_variable(setup: Setup):
+    result = run_scpd("check", "--offline", env={"SCPD_CONFIG": str(setup.config)})
+
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_key_that_is_not_a_private_key_is_a_config_error(setup: Setup, tmp_path: Path):
+    bogus = tmp_path / "bogus_key"
+    bogus.write_text("not a key\n")
+    bogus.chmod(0o600)
+    edit(setup, "identity_file = ", f'identity_file = "{bogus}"\n#')
+
+    result = setup.scpd("check", "--offline")
+
+    assert result.returncode == 78
+    assert_one_line_errors(result.stderr, "targets.local.identity_file:", "not a usable"
+                           " private key")
+
+
+def test_usage_error_exits_64(setup: Setup):
+    result = run_scpd("run", "--timeout", "forever")
+
+    assert result.returncode == 64
+    assert_one_line_errors(result.stderr, "--timeout")
+
+
+def test_version_prints_the_version():
+    result = run_scpd("--version")
+
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"scpd {scpd.__version__}"
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(setup: Setup):
+    first = setup.start_daemon()
+    try:
+        assert first.wait_for_log("scpd ready", 10), first.log()
+        second = setup.scpd("run", "--once")
+        assert second.returncode == 75
+        assert_one_line_errors(second.stderr, "another scpd is running")
+    finally:
+        assert first.stop() == 0
+
+
+def test_status_json_counts_delivered_and_failed(setup: Setup):
+    (setup.watch_dir / "a.txt").write_text("a")
+    assert setup.scpd("run", "--once").returncode == 0
+
+    result = setup.scpd("status", "--json")
+
+    assert result.returncode == 0, result.stderr
+    local = json.loads(result.stdout)["targets"]["local"]
+    assert local["delivered"] == 1
+    assert local["bytes_delivered"] == 1
+    assert local["pending"] == local["failed"] == 0
+    assert local["last_error"] is None
+
+
+def test_retry_puts_failed_jobs_back(setup: Setup, known_hosts: Path):
+    good_keys = known_hosts.read_text()
+    known_hosts.write_text("")
+    (setup.watch_dir / "a.txt").write_text("a")
+    assert setup.scpd("run", "--once", "--timeout", "3s").returncode == 1
+    known_hosts.write_text(good_keys)
+    assert setup.scpd("run", "--once").returncode == 1  # failed stays failed until retried
+
+    retried = setup.scpd("retry")
+    result = setup.scpd("run", "--once")
+
+    assert retried.stdout.strip() == "1 failed job(s) queued again"
+    assert result.returncode == 0, result.stderr
+    assert (setup.remote_dir / "a.txt").read_text() == "a"

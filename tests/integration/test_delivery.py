@@ -1,0 +1,238 @@
+"""A file in a watched directory lands on a real OpenSSH server, byte-identical, with its times
+and mode: through `run --once` and through the running daemon, over SCP and SFTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Setup, write_config
+
+from tools.sshd import ThrowawaySshd
+
+PROTOCOLS = ["scp", "sftp"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_file(path: Path, size: int, *, mode: int = 0o640, mtime_ns: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(size))
+    path.chmod(mode)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    return path
+
+
+def assert_landed(local: Path, remote: Path, *, mtime_resolution_ns: int = 1000) -> None:
+    assert remote.is_file(), f"{remote} did not arrive"
+    assert sha256(remote) == sha256(local)
+    # SCP's T record carries microseconds; SFTPv3 attributes carry whole seconds only.
+    assert (remote.stat().st_mtime_ns // mtime_resolution_ns
+            == local.stat().st_mtime_ns // mtime_resolution_ns)
+    assert (remote.stat().st_mode & 0o7777) == (local.stat().st_mode & 0o7777)
+
+
+def no_temp_files(remote_dir: Path) -> list[Path]:
+    return [p for p in remote_dir.rglob("*.scpd-part")]
+
+
+MTIME_RESOLUTION_NS = {"scp": 1000, "sftp": 1_000_000_000}
+
+
+@pytest.fixture(params=PROTOCOLS)
+def protocol_setup(request, tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path,
+                   remote_dir: Path) -> Setup:
+    s = write_config(tmp_path, sshd, known_hosts, remote_dir,
+                     target_extra=f'protocol = "{request.param}"')
+    s.mtime_resolution_ns = MTIME_RESOLUTION_NS[request.param]
+    return s
+
+
+def test_run_once_delivers_root_and_subdirectory_files_with_times_and_mode(
+        protocol_setup: Setup):
+    s = protocol_setup
+    top = make_file(s.watch_dir / "report.csv", 10_000, mode=0o640,
+                    mtime_ns=1_600_000_000_123_456_789)
+    nested = make_file(s.watch_dir / "2026" / "11" / "big.bin", 3_000_000, mode=0o600,
+                       mtime_ns=1_700_000_000_987_654_321)
+
+    result = s.scpd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert_landed(top, s.remote_dir / "report.csv", mtime_resolution_ns=s.mtime_resolution_ns)
+    assert_landed(nested, s.remote_dir / "2026" / "11" / "big.bin",
+                  mtime_resolution_ns=s.mtime_resolution_ns)
+    assert no_temp_files(s.remote_dir) == []
+    assert "sent 2026/11/big.bin" in result.stderr
+
+
+def test_run_once_does_not_send_an_unchanged_file_twice(setup: Setup):
+    make_file(setup.watch_dir / "a.txt", 100, mtime_ns=1_600_000_000_000_000_000)
+    assert setup.scpd("run", "--once").returncode == 0
+    (setup.remote_dir / "a.txt").unlink()  # would come back if it were sent again
+
+    second = setup.scpd("run", "--once")
+
+    assert second.returncode == 0, second.stderr
+    assert "sent" not in second.stderr
+    assert not (setup.remote_dir / "a.txt").exists()
+
+
+def test_run_once_sends_a_changed_file_again(setup: Setup):
+    path = make_file(setup.watch_dir / "a.txt", 100, mtime_ns=1_600_000_000_000_000_000)
+    assert setup.scpd("run", "--once").returncode == 0
+    make_file(path, 200, mtime_ns=1_600_000_100_000_000_000)
+
+    assert setup.scpd("run", "--once").returncode == 0
+
+    assert_landed(path, setup.remote_dir / "a.txt")
+
+
+ODD_NAMES = [
+    "with space.txt",
+    "quote's \"double\".txt",
+    "$(touch pwned).txt",
+    "semi;colon&amp|pipe.txt",
+    "-leading-dash.txt",
+    "ünïcödé 文字.txt",
+    "back\\slash*star?.txt",
+    os.fsdecode(b"latin1-caf\xe9.txt"),  # not UTF-8: file names are bytes
+    "new\nline.txt",
+]
+
+
+def test_odd_file_names_arrive_intact_and_are_never_shell(protocol_setup: Setup):
+    s = protocol_setup
+    files = [make_file(s.watch_dir / name, 64, mode=0o644) for name in ODD_NAMES]
+
+    result = s.scpd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    for local in files:
+        assert_landed(local, s.remote_dir / local.name,
+                      mtime_resolution_ns=s.mtime_resolution_ns)
+    assert not (s.remote_dir / "pwned").exists()
+    assert not Path("pwned").exists()
+    assert sorted(p.name for p in s.remote_dir.iterdir()) == sorted(ODD_NAMES)
+
+
+def test_hidden_and_temporary_files_are_not_sent(setup: Setup):
+    make_file(setup.watch_dir / "keep.txt", 10)
+    for name in [".hidden", "x.part", "x.tmp", ".x.swp", "x~", ".git/config"]:
+        make_file(setup.watch_dir / name, 10)
+
+    assert setup.scpd("run", "--once").returncode == 0
+
+    assert sorted(p.name for p in setup.remote_dir.rglob("*")) == ["keep.txt"]
+
+
+def test_remote_dir_placeholders_are_filled(tmp_path: Path, sshd: ThrowawaySshd,
+                                           known_hosts: Path, remote_dir: Path):
+    s = write_config(tmp_path, sshd, known_hosts, remote_dir)
+    text = s.config.read_text().replace(f'remote_dir = "{remote_dir}"',
+                                        f'remote_dir = "{remote_dir}/{{hostname}}/{{watch}}"')
+    s.config.write_text(text)
+    local = make_file(s.watch_dir / "a.txt", 10)
+
+    assert s.scpd("run", "--once").returncode == 0
+
+    assert_landed(local, remote_dir / os.uname().nodename / "outbox" / "a.txt")
+
+
+def test_daemon_delivers_a_file_written_while_it_runs(protocol_setup: Setup):
+    s = protocol_setup
+    daemon = s.start_daemon()
+    try:
+        assert daemon.wait_for_log("scpd ready", 10)
+        local = s.watch_dir / "sub" / "late.bin"
+        local.parent.mkdir()
+        written_at = time.monotonic()
+        make_file(local, 200_000)
+        remote = s.remote_dir / "sub" / "late.bin"
+        while not remote.exists() and time.monotonic() - written_at < 10:
+            time.sleep(0.05)
+        landed_after = time.monotonic() - written_at
+        assert_landed(local, remote, mtime_resolution_ns=s.mtime_resolution_ns)
+        assert landed_after < 5, f"took {landed_after:.1f}s"
+    finally:
+        returncode = daemon.stop()
+    assert returncode == 0, daemon.log()
+    assert no_temp_files(s.remote_dir) == []
+
+
+def test_run_once_exits_75_when_the_target_is_down(tmp_path: Path, sshd: ThrowawaySshd,
+                                                   known_hosts: Path, remote_dir: Path):
+    closed_port = _free_port()
+    s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=closed_port)
+    make_file(s.watch_dir / "a.txt", 10)
+
+    result = s.scpd("run", "--once", "--timeout", "2s")
+
+    assert result.returncode == 75, result.stderr
+    assert "cannot connect" in result.stderr
+    assert "still owed" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_host_key_is_refused_and_nothing_is_sent(setup: Setup, known_hosts: Path):
+    known_hosts.write_text("")  # strict policy, host not listed
+    make_file(setup.watch_dir / "a.txt", 10)
+    result = setup.scpd("run", "--once", "--timeout", "3s")
+    assert result.returncode == 1, result.stderr
+    assert "not found in known_hosts" in result.stderr
+    assert list(setup.remote_dir.iterdir()) == []
+    assert "Traceback" not in result.stderr
+
+
+def test_changed_host_key_is_refused(setup: Setup, known_hosts: Path, tmp_path: Path):
+    other = ThrowawaySshd(tmp_path / "other-sshd")
+    other.start()
+    other.stop()
+    known_hosts.write_text(other.host_key_line().replace(f"]:{other.port} ",
+                                                         f"]:{_port_of(setup)} ") + "\n")
+    make_file(setup.watch_dir / "a.txt", 10)
+
+    result = setup.scpd("run", "--once", "--timeout", "3s")
+
+    assert result.returncode == 1, result.stderr
+    assert "does not match known_hosts" in result.stderr
+    assert list(setup.remote_dir.iterdir()) == []
+
+
+def test_check_connects_and_reports_each_step(setup: Setup):
+    result = setup.scpd("check")
+
+    assert result.returncode == 0, result.stderr
+    assert "target local: ok: host key and login" in result.stdout
+    assert f"target local: ok: {setup.remote_dir} writable, scp present" in result.stdout
+
+
+def test_check_exits_69_when_a_target_is_unusable(setup: Setup, known_hosts: Path):
+    known_hosts.write_text("")
+
+    result = setup.scpd("check")
+
+    assert result.returncode == 69
+    assert "target local: FAILED" in result.stdout
+    assert result.stderr.startswith("scpd: target local is unusable:")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_of(s: Setup) -> int:
+    for line in s.config.read_text().splitlines():
+        if line.startswith("port = "):
+            return int(line.split("=")[1])
+    raise AssertionError("no port in config")
