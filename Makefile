@@ -16,8 +16,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml tools/install-system-deps.sh
 	bash tools/install-system-deps.sh
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	@echo "installing scpd and its test tools into $(VENV) (log: $(VENV)/pip.log)"
+	@$(VENV)/bin/pip install --upgrade pip > $(VENV)/pip.log 2>&1 && \
+	  $(VENV)/bin/pip install -e '.[test]' >> $(VENV)/pip.log 2>&1 || \
+	  { tail -n 40 $(VENV)/pip.log; echo "pip install failed (full log: $(VENV)/pip.log)"; exit 1; }
 	touch $@
 
 lint: $(STAMP)
