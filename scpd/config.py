@@ -209,6 +209,8 @@ class _Reader:
         daemon = self.table(top.get("daemon", {}), "daemon", {"state_dir", "bandwidth_limit"})
         default_state = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR
         state_dir = Path(self.get(daemon, "state_dir", "daemon", str, default_state))
+        if not state_dir.is_absolute():
+            self.fail("daemon.state_dir", f'must be an absolute path, got "{state_dir}"')
         rate = self.parsed(daemon, "bandwidth_limit", "daemon", parse_rate)
         raw_targets = top.get("targets", {})
         names = set(raw_targets) if isinstance(raw_targets, dict) else set()
@@ -313,7 +315,9 @@ class _Reader:
             self.fail(f"{kp}.archive_dir", 'required when on_success = "move"')
         if archive_dir is not None and on_success != "move":
             self.fail(f"{kp}.archive_dir", 'only used with on_success = "move"')
-        if archive_dir is not None and path is not None and archive_dir.is_relative_to(path):
+        if archive_dir is not None and not archive_dir.is_absolute():
+            self.fail(f"{kp}.archive_dir", f'must be an absolute path, got "{archive_dir}"')
+        elif archive_dir is not None and path is not None and archive_dir.is_relative_to(path):
             self.fail(f"{kp}.archive_dir", "must be outside the watched path")
         return Watch(
             name=name,
@@ -339,7 +343,7 @@ class _Reader:
     def check_placeholders(self, key_path: str, template: str) -> None:
         try:
             template.format(hostname="h", watch="w")
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError) as exc:
             self.fail(key_path, f"unknown placeholder {exc} (known: {{hostname}}, {{watch}})")
 
     def check_secret_file(self, key_path: str, path: Path) -> None:

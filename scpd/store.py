@@ -287,10 +287,11 @@ class Store:
                 watches).fetchall()
             # SQLite takes bare columns from the row holding the MAX(): the latest error.
             errors = {target: (message, at) for target, message, at in self._db.execute(
-                """
+                f"""
                 SELECT target, last_error, MAX(last_error_at) FROM jobs
-                WHERE last_error IS NOT NULL GROUP BY target
-                """)}
+                WHERE last_error IS NOT NULL AND watch IN ({_placeholders(watches)})
+                GROUP BY target
+                """, watches)}  # noqa: S608 -- only placeholders are formatted in
         result = {}
         for target, pending, sending, failed, delivered, nbytes, oldest in rows:
             summary = self.empty_summary()

@@ -45,7 +45,7 @@ class Throttle:
     def chunk_bytes(self, preferred: int) -> int:
         """Reads no larger than a bucket's burst keep bursts within the cap's promise."""
         smallest = min((b.burst_bytes for b in self.buckets), default=preferred)
-        return max(1024, min(preferred, int(smallest)))
+        return max(1, min(preferred, int(smallest)))
 
     def take(self, nbytes: int) -> None:
         for bucket in self.buckets:

@@ -1,0 +1,351 @@
+"""The durable queue: what is owed survives restarts, and a version is sent once."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scpd.fileversion import FileVersion
+from scpd.store import (
+    DB_NAME,
+    MIGRATIONS,
+    StateDirBusyError,
+    Store,
+    lock_state_dir,
+)
+
+WATCHES = ("reports",)
+T0 = 1_700_000_000.0
+V1 = FileVersion(size=100, mtime_ns=1_000_000_000, inode=11)
+V2 = FileVersion(size=200, mtime_ns=2_000_000_000, inode=11)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def store(state_dir: Path) -> Iterator[Store]:
+    store = Store.open(state_dir)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def states(store: Store, target: str = "offsite") -> dict[str, int]:
+    return store.counts(WATCHES).get(target, {})
+
+
+def test_store_enqueue_creates_a_pending_job(store: Store) -> None:
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0) is True
+
+    assert states(store) == {"pending": 1, "sending": 0, "delivered": 0, "failed": 0}
+    job = store.claim("offsite", WATCHES, now=T0)
+    assert job is not None
+    assert (job.watch, job.target, job.rel_path, job.version, job.attempts) == \
+        ("reports", "offsite", "a.pdf", V1, 0)
+
+
+def test_store_state_dir_is_created_private(state_dir: Path, store: Store) -> None:
+    assert (state_dir / DB_NAME).is_file()
+    assert state_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_store_enqueue_of_the_same_version_again_is_a_no_op(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0 + 5) is False
+
+    assert states(store)["pending"] == 1
+
+
+def test_store_keeps_one_job_per_target_of_the_same_file(store: Store) -> None:
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    assert store.enqueue("reports", "loghost", "a.pdf", V1, now=T0)
+
+    assert states(store, "offsite")["pending"] == 1
+    assert states(store, "loghost")["pending"] == 1
+
+
+def test_store_claim_marks_the_job_sending_and_returns_it(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+
+    job = store.claim("offsite", WATCHES, now=T0)
+
+    assert job is not None and job.rel_path == "a.pdf"
+    assert states(store)["sending"] == 1
+    assert store.claim("offsite", WATCHES, now=T0) is None  # not handed to a second worker
+
+
+def test_store_claim_ignores_other_targets(store: Store) -> None:
+    store.enqueue("reports", "loghost", "a.pdf", V1, now=T0)
+
+    assert store.claim("offsite", WATCHES, now=T0) is None
+
+
+def test_store_mark_delivered_records_the_job_as_delivered(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+
+    assert store.mark_delivered(job, V1, now=T0 + 1) is True
+
+    assert states(store) == {"pending": 0, "sending": 0, "delivered": 1, "failed": 0}
+    assert store.claim("offsite", WATCHES, now=T0 + 2) is None
+    assert store.is_delivered_everywhere("reports", "a.pdf", V1, ("offsite",))
+
+
+def test_store_does_not_queue_a_delivered_version_again(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_delivered(store.claim("offsite", WATCHES, now=T0), V1, now=T0)
+
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0 + 60) is False
+    # A restored file (new inode, same size and mtime) is the same version: DESIGN 4.4.
+    restored = FileVersion(V1.size, V1.mtime_ns, inode=99)
+    assert store.enqueue("reports", "offsite", "a.pdf", restored, now=T0 + 60) is False
+
+    assert store.claim("offsite", WATCHES, now=T0 + 60) is None
+
+
+@pytest.mark.parametrize("new_version", [
+    FileVersion(size=V1.size + 1, mtime_ns=V1.mtime_ns, inode=V1.inode),
+    FileVersion(size=V1.size, mtime_ns=V1.mtime_ns + 1, inode=V1.inode),
+], ids=["size", "mtime"])
+def test_store_queues_a_new_version_of_a_delivered_file(store: Store,
+                                                        new_version: FileVersion) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_delivered(store.claim("offsite", WATCHES, now=T0), V1, now=T0)
+
+    assert store.enqueue("reports", "offsite", "a.pdf", new_version, now=T0 + 60) is True
+
+    job = store.claim("offsite", WATCHES, now=T0 + 60)
+    assert job is not None and job.version == new_version
+
+
+def test_store_keeps_a_newer_version_queued_while_the_old_one_was_sending(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+
+    assert store.enqueue("reports", "offsite", "a.pdf", V2, now=T0 + 1) is True
+    assert store.mark_delivered(job, V1, now=T0 + 2) is False
+
+    assert states(store)["pending"] == 1
+    again = store.claim("offsite", WATCHES, now=T0 + 3)
+    assert again is not None and again.version == V2
+    assert store.mark_delivered(again, V2, now=T0 + 4) is True
+    assert store.is_delivered_everywhere("reports", "a.pdf", V2, ("offsite",))
+
+
+def test_store_scan_of_the_version_being_sent_does_not_send_it_twice(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0 + 1) is False
+
+    assert store.mark_delivered(job, V1, now=T0 + 2) is True
+    assert store.claim("offsite", WATCHES, now=T0 + 3) is None
+
+
+def test_store_mark_retry_holds_the_job_until_its_next_attempt(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+
+    store.mark_retry(job, "connection lost", next_attempt_at=T0 + 60, now=T0)
+
+    assert states(store)["pending"] == 1
+    assert store.next_due_at("offsite", WATCHES) == T0 + 60
+    assert store.claim("offsite", WATCHES, now=T0 + 59) is None
+    job = store.claim("offsite", WATCHES, now=T0 + 60)
+    assert job is not None
+    assert job.attempts == 1
+    assert job.first_failure_at == T0
+
+    store.mark_retry(job, "connection lost", next_attempt_at=T0 + 180, now=T0 + 60)
+    job = store.claim("offsite", WATCHES, now=T0 + 180)
+    assert job.attempts == 2
+    assert job.first_failure_at == T0  # the give-up clock runs from the first failure
+
+
+def test_store_make_all_due_ignores_saved_backoff(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_retry(store.claim("offsite", WATCHES, now=T0), "timeout", T0 + 3600, now=T0)
+
+    store.make_all_due()
+
+    assert store.claim("offsite", WATCHES, now=T0 + 1) is not None
+
+
+def test_store_mark_failed_then_retry_failed_brings_it_back(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_failed(store.claim("offsite", WATCHES, now=T0), "Permission denied", now=T0)
+
+    assert states(store)["failed"] == 1
+    assert store.claim("offsite", WATCHES, now=T0 + 3600) is None  # no hot retry loop
+    # A scan finding the same version again does not un-fail it: an operator must act.
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0 + 1) is False
+
+    assert store.retry_failed() == 1
+
+    job = store.claim("offsite", WATCHES, now=T0 + 2)
+    assert job is not None and job.version == V1 and job.attempts == 0
+
+
+def test_store_retry_failed_can_pick_a_target_and_paths(store: Store) -> None:
+    for target in ("offsite", "loghost"):
+        for name in ("a.pdf", "b.pdf"):
+            store.enqueue("reports", target, name, V1, now=T0)
+            store.mark_failed(store.claim(target, WATCHES, now=T0), "denied", now=T0)
+
+    assert store.retry_failed(target="offsite", rel_paths=[("reports", "b.pdf")]) == 1
+    assert states(store, "offsite")["failed"] == 1
+    assert store.retry_failed(target="loghost") == 2
+    assert states(store, "loghost") == {"pending": 2, "sending": 0, "delivered": 0, "failed": 0}
+
+
+def test_store_mark_failed_of_an_outdated_send_keeps_the_new_version_pending(
+        store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+    store.enqueue("reports", "offsite", "a.pdf", V2, now=T0 + 1)
+
+    store.mark_failed(job, "Permission denied", now=T0 + 2)
+
+    again = store.claim("offsite", WATCHES, now=T0 + 3)
+    assert again is not None and again.version == V2
+
+
+def test_store_drop_forgets_a_vanished_file_unless_it_came_back(store: Store) -> None:
+    store.enqueue("reports", "offsite", "gone.pdf", V1, now=T0)
+    store.drop(store.claim("offsite", WATCHES, now=T0))
+    assert states(store) == {}
+
+    store.enqueue("reports", "offsite", "back.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+    store.enqueue("reports", "offsite", "back.pdf", V2, now=T0 + 1)
+    store.drop(job)
+    again = store.claim("offsite", WATCHES, now=T0 + 2)
+    assert again is not None and again.version == V2
+
+
+def test_store_requeue_interrupted_resends_what_a_crash_left_sending(state_dir: Path) -> None:
+    store = Store.open(state_dir)
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    assert store.claim("offsite", WATCHES, now=T0) is not None
+    store.close()  # the daemon dies here, mid-send
+
+    store = Store.open(state_dir)
+    try:
+        assert store.claim("offsite", WATCHES, now=T0 + 1) is None  # still marked sending
+        assert store.requeue_interrupted() == 1
+        job = store.claim("offsite", WATCHES, now=T0 + 1)
+        assert job is not None and (job.rel_path, job.version) == ("a.pdf", V1)
+    finally:
+        store.close()
+
+
+def test_store_round_trips_file_names_that_are_not_utf8(state_dir: Path) -> None:
+    name = os.fsdecode(b"sub/caf\xe9.txt")
+    store = Store.open(state_dir)
+    store.enqueue("reports", "offsite", name, V1, now=T0)
+    store.close()
+
+    store = Store.open(state_dir)
+    try:
+        job = store.claim("offsite", WATCHES, now=T0)
+        assert os.fsencode(job.rel_path) == b"sub/caf\xe9.txt"
+        store.mark_failed(job, "denied", now=T0)
+        assert store.retry_failed(rel_paths=[("reports", name)]) == 1
+    finally:
+        store.close()
+
+
+def test_store_claim_ignores_watches_not_in_the_given_tuple(store: Store) -> None:
+    store.enqueue("old-watch", "offsite", "a.pdf", V1, now=T0)
+
+    assert store.claim("offsite", WATCHES, now=T0) is None
+    assert store.claim("offsite", (), now=T0) is None
+
+    job = store.claim("offsite", ("reports", "old-watch"), now=T0)
+    assert job is not None and job.watch == "old-watch"
+
+
+def test_store_schema_version_equals_the_number_of_migrations(state_dir: Path) -> None:
+    Store.open(state_dir).close()
+    db = sqlite3.connect(state_dir / DB_NAME)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+def test_store_reopens_an_existing_database_with_its_jobs(state_dir: Path) -> None:
+    store = Store.open(state_dir)
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.close()
+
+    for _ in range(2):  # the migrations must not run again
+        store = Store.open(state_dir)
+        try:
+            assert states(store)["pending"] == 1
+        finally:
+            store.close()
+
+
+def test_store_summaries_give_the_fields_of_status_json(store: Store) -> None:
+    store.enqueue("reports", "offsite", "pending.pdf", V1, now=T0)
+    store.enqueue("reports", "offsite", "delivered.pdf", V2, now=T0 + 10)
+    store.enqueue("reports", "offsite", "failed.pdf", V1, now=T0 + 20)
+    store.enqueue("reports", "offsite", "sending.pdf", V1, now=T0 + 30)
+    by_name = {}
+    while job := store.claim("offsite", WATCHES, now=T0 + 40):
+        by_name[job.rel_path] = job
+    store.mark_delivered(by_name["delivered.pdf"], V2, now=T0 + 41)
+    store.mark_failed(by_name["failed.pdf"], "remote: Permission denied", now=T0 + 42)
+    store.release(by_name["pending.pdf"])
+
+    summary = store.summaries(WATCHES, now=T0 + 100)["offsite"]
+
+    assert set(summary) >= {"pending", "sending", "failed", "delivered", "bytes_delivered",
+                            "oldest_pending_age_s", "paused", "last_error", "last_error_at"}
+    assert summary["pending"] == 1
+    assert summary["sending"] == 1
+    assert summary["failed"] == 1
+    assert summary["delivered"] == 1
+    assert summary["bytes_delivered"] == V2.size
+    assert summary["oldest_pending_age_s"] == 100.0  # pending.pdf, queued at T0
+    assert summary["paused"] is False
+    assert summary["last_error"] == "remote: Permission denied"
+    assert datetime.datetime.fromisoformat(summary["last_error_at"]) == \
+        datetime.datetime.fromtimestamp(T0 + 42, datetime.UTC).replace(microsecond=0)
+
+
+def test_store_summaries_have_no_age_when_nothing_is_owed(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_delivered(store.claim("offsite", WATCHES, now=T0), V1, now=T0)
+
+    summary = store.summaries(WATCHES, now=T0 + 100)["offsite"]
+
+    assert summary["oldest_pending_age_s"] is None
+    assert summary["last_error"] is None and summary["last_error_at"] is None
+    assert Store.empty_summary().keys() == summary.keys()
+
+
+def test_lock_state_dir_refuses_a_second_lock_on_the_same_dir(state_dir: Path) -> None:
+    # flock locks belong to an open file description, so even a second open in this
+    # process conflicts, just as a second daemon would.
+    fd = lock_state_dir(state_dir)
+    try:
+        with pytest.raises(StateDirBusyError, match=str(state_dir)):
+            lock_state_dir(state_dir)
+    finally:
+        os.close(fd)
+
+    fd = lock_state_dir(state_dir)  # free again once the holder is gone
+    os.close(fd)
