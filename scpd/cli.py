@@ -4,11 +4,13 @@ prints to the user. Every error a person can cause ends in one line starting `sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import sqlite3
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from scpd import __version__, config, logs
 from scpd.errors import ConfigError, ConfigErrors, PermanentError, ScpdError
@@ -109,10 +111,24 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _open_daemon(cfg: config.Config, daemon_class):
-    try:
+    with _state_dir_errors(cfg):
         return daemon_class(cfg)
-    except PermissionError as exc:
-        raise ConfigError("daemon.state_dir", f"cannot use {cfg.state_dir}: {exc.strerror}"
+
+
+def _open_store(cfg: config.Config):
+    from scpd.store import Store
+
+    with _state_dir_errors(cfg):
+        return Store.open(cfg.state_dir)
+
+
+@contextlib.contextmanager
+def _state_dir_errors(cfg: config.Config) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError("daemon.state_dir", f"cannot use {cfg.state_dir}: {reason}"
                           " (create it, or run as its owner)") from None
 
 
@@ -148,10 +164,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from scpd.store import Store
 
     cfg = _load(args)
-    store = Store.open(cfg.state_dir)
+    store = _open_store(cfg)
     try:
         summaries = store.summaries(tuple(w.name for w in cfg.watches), now=time.time())
     finally:
@@ -171,14 +186,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from scpd.store import Store
-
     cfg = _load(args)
     if args.target and args.target not in cfg.targets:
         _say(f'unknown target "{args.target}" (defined: {", ".join(sorted(cfg.targets))})')
         return EX_USAGE
     rel_paths = [_watch_relative(cfg, p) for p in args.paths]
-    store = Store.open(cfg.state_dir)
+    store = _open_store(cfg)
     try:
         n = store.retry_failed(target=args.target, rel_paths=rel_paths)
     finally:

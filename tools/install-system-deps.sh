@@ -3,11 +3,12 @@
 # Idempotent, and silent when everything is already there. Run by `make venv`.
 #   openssh-server/-client  the throwaway sshd the integration tests and benchmarks talk to
 #   libsystemd-dev, pkg-config, gcc  systemd-python builds from its sdist (no wheels on PyPI)
+#   systemd                 journald and systemd-analyze for the logging and unit tests
 #   python3-venv, python3-dev  `python3 -m venv` and Python.h, when python3 lacks them
 set -euo pipefail
 
 missing=()
-for pkg in openssh-server openssh-client libsystemd-dev pkg-config gcc; do
+for pkg in openssh-server openssh-client libsystemd-dev pkg-config gcc systemd; do
     if [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" != "install ok installed" ]]; then
         missing+=("$pkg")
     fi

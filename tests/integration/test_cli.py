@@ -148,3 +148,15 @@ def test_retry_puts_failed_jobs_back(setup: Setup, known_hosts: Path):
     assert retried.stdout.strip() == "1 failed job(s) queued again"
     assert result.returncode == 0, result.stderr
     assert (setup.remote_dir / "a.txt").read_text() == "a"
+
+
+@pytest.mark.parametrize("command", [["run", "--once"], ["status"], ["retry"]])
+def test_unusable_state_dir_is_a_config_error(setup: Setup, tmp_path: Path, command: list[str]):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    edit(setup, f'state_dir = "{setup.state_dir}"', f'state_dir = "{blocker}/state"')
+
+    result = setup.scpd(*command)
+
+    assert result.returncode == 78
+    assert_one_line_errors(result.stderr, "daemon.state_dir: cannot use")
