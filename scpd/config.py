@@ -256,6 +256,8 @@ class _Reader:
         if known_hosts is not None:
             self.check_known_hosts(f"{kp}.known_hosts", known_hosts, policy)
         remote_dir = self.get(t, "remote_dir", kp, str, "", required=True)
+        if "remote_dir" in t and not remote_dir:
+            self.fail(f"{kp}.remote_dir", 'must not be empty (use "." for the login directory)')
         if "\n" in remote_dir or "\0" in remote_dir:
             self.fail(f"{kp}.remote_dir", "must not contain a newline or NUL")
         self.check_placeholders(f"{kp}.remote_dir", remote_dir)

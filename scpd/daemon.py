@@ -42,9 +42,10 @@ class Daemon:
         self.store = Store.open(config.state_dir)
         self.credentials = _load_all_credentials(config)
         self.settler = Settler()
-        self.pool = Pool(config, self.store, self.credentials)
+        self.pool = Pool(config, self.store, self.credentials, self._renote)
         self.watcher: Watcher | None = None
         self.flags = _Flags()
+        self._workers_ended = True
 
     # -- the two ways to run ------------------------------------------------------------------
 
@@ -75,6 +76,7 @@ class Daemon:
         deadline = time.monotonic() + timeout_seconds
         while self.flags.stop_requests == 0 and time.monotonic() < deadline:
             self._enqueue_ready()
+            self.pool.cut_stalled()
             if not len(self.settler) and not self._owed_count():
                 break
             time.sleep(_TICK_SECONDS)
@@ -100,6 +102,7 @@ class Daemon:
         next_ping = next_status = 0.0
         while not self.flags.stop_requests:
             self._enqueue_ready()
+            self.pool.cut_stalled()
             if self.flags.should_reload:
                 self.flags.should_reload = False
                 self._reload()
@@ -115,12 +118,21 @@ class Daemon:
     def _enqueue_ready(self) -> None:
         for ready in self.settler.take_ready():
             watch = self.config.watch(ready.watch)
+            queued = False
             for target in watch.targets:
                 if self.store.enqueue(watch.name, target, ready.rel_path, ready.version):
+                    queued = True
                     logs.event(logging.INFO, "queued", "queued %s for %s", ready.rel_path,
                                target, watch=watch.name, target=target, path=ready.path,
                                bytes=ready.version.size)
                     self.pool.wake(target)
+            if not queued:
+                # Delivered everywhere before a crash cut short its on_success action.
+                self.pool.after_delivery(watch.name, ready.rel_path, ready.version)
+
+    def _renote(self, watch_name: str, rel_path: str) -> None:
+        watch = self.config.watch(watch_name)
+        self._note(watch, str(watch.path / rel_path), rel_path, False)
 
     def _note(self, watch: Watch, path: str, rel_path: str, is_closed: bool) -> None:
         self.settler.note(watch.name, path, rel_path, watch.settle_seconds, is_closed=is_closed)
@@ -154,7 +166,7 @@ class Daemon:
         self.pool.stop(_STOP_GRACE_SECONDS)
         self.config, self.credentials = new_config, credentials
         self.settler = Settler()
-        self.pool = Pool(new_config, self.store, credentials)
+        self.pool = Pool(new_config, self.store, credentials, self._renote)
         self._start_watching()
         self.pool.start()
         log.info("config reloaded from %s (queue kept)", new_config.path)
@@ -163,10 +175,13 @@ class Daemon:
     def _shutdown(self, grace_seconds: float) -> None:
         if self.watcher is not None:
             self.watcher.stop()
-        self.pool.stop(grace_seconds)
+        # A second SIGTERM or SIGINT cuts the grace period short.
+        self._workers_ended = self.pool.stop(grace_seconds,
+                                             lambda: self.flags.stop_requests > 1)
 
     def close(self) -> None:
-        self.store.close()
+        if self._workers_ended:  # else the process exit ends them; the queue stays consistent
+            self.store.close()
         os.close(self._lock_fd)
 
     # -- reporting ----------------------------------------------------------------------------
@@ -196,6 +211,8 @@ class Daemon:
         def on_hup(signum, frame):
             self.flags.should_reload = True
 
+        # The lease probe (settle.py) may make the kernel send SIGIO, whose default kills.
+        signal.signal(signal.SIGIO, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)

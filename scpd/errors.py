@@ -5,7 +5,7 @@ ScpdError
 ├── PermanentError       job failed (or target unusable); an operator must act
 │   ├── HostKeyError, AuthError, RemotePathError, LocalReadError, UnsupportedNameError
 ├── RetryableError       job back to pending with a backoff
-│   ├── ConnectError, TransferInterrupted, RemoteFullError
+│   ├── ConnectError, TransferInterrupted, RemoteFullError, LocalBusyError
 ├── FileChangedError     the file changed while it was read: its new version is queued
 └── SourceVanished       the file is gone before it could be sent: dropped, logged
 """
@@ -79,6 +79,10 @@ class TransferInterrupted(RetryableError):
 
 class RemoteFullError(RetryableError):
     pass
+
+
+class LocalBusyError(RetryableError):
+    """The local file cannot be opened just now (a lease holder, no free file descriptors)."""
 
 
 class FileChangedError(ScpdError):

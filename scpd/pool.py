@@ -15,6 +15,7 @@ from pathlib import Path
 from scpd import logs
 from scpd.config import Config, RetryPolicy, Target, remote_dir_for
 from scpd.errors import (
+    ConnectError,
     FileChangedError,
     PermanentError,
     RetryableError,
@@ -22,6 +23,7 @@ from scpd.errors import (
     SourceVanished,
 )
 from scpd.fileversion import FileVersion
+from scpd.settle import is_open_for_write_elsewhere
 from scpd.store import Job, Store
 from scpd.transport import Credentials, Throttle, TokenBucket, Uploader, open_uploader
 
@@ -41,9 +43,12 @@ def backoff_seconds(policy: RetryPolicy, attempts: int, rand: Callable[[], float
 class Pool:
     """`connections` workers per target, each with its own SSH connection."""
 
-    def __init__(self, config: Config, store: Store, credentials: dict[str, Credentials]):
+    def __init__(self, config: Config, store: Store, credentials: dict[str, Credentials],
+                 renote: Callable[[str, str], None]):
+        """renote(watch, rel_path): hand a file back to the settler (it changed since queued)."""
         self.config = config
         self.store = store
+        self.renote = renote
         self._stopping = threading.Event()
         self._wakeups = {name: threading.Condition() for name in config.targets}
         self._post_action_lock = threading.Lock()
@@ -60,6 +65,19 @@ class Pool:
                 self._workers.append(_Worker(self, target, uploader, index))
         self.bytes_sent = 0
         self._bytes_lock = threading.Lock()
+        self._gates = {name: _TargetGate() for name in config.targets}
+
+    def target_down(self, target: Target) -> float:
+        """A connection to the target failed: hold all its workers back. The delay grows with
+        consecutive failures of the target, not of one job, so a dead host is not dialled once
+        per queued file. Returns the delay."""
+        return self._gates[target.name].close(target.retry)
+
+    def target_up(self, target: Target) -> None:
+        self._gates[target.name].open()
+
+    def target_wait_seconds(self, target: Target) -> float:
+        return self._gates[target.name].wait_seconds()
 
     @property
     def is_stopping(self) -> bool:
@@ -83,6 +101,20 @@ class Pool:
     def is_healthy(self) -> bool:
         return all(worker.is_alive() for worker in self._workers)
 
+    def cut_stalled(self) -> None:
+        """Close the connection of any transfer that showed no sign of life for too long.
+
+        Channel timeouts bound most waits, but a few paramiko waits (exec, subsystem start)
+        have none: on a half-open connection they would block a worker for good."""
+        now = time.monotonic()
+        for worker in self._workers:
+            limit = worker.target.io_timeout_seconds + worker.target.connect_timeout_seconds
+            if worker.job is not None and now - worker.uploader.progress_at > limit:
+                log.warning("%s: no progress for %.0fs sending %s; cutting the connection",
+                            worker.target.name, limit, worker.job.rel_path)
+                worker.uploader.progress_at = now  # once per stall
+                worker.uploader.close()
+
     def busy_count(self) -> int:
         return sum(1 for worker in self._workers if worker.job is not None)
 
@@ -90,41 +122,45 @@ class Pool:
         with self._bytes_lock:
             self.bytes_sent += n
 
-    def stop(self, grace_seconds: float = 5.0) -> None:
-        """Let in-flight uploads finish for up to grace_seconds, then cut them: a cut upload
-        leaves no file under its final name and its job goes back to pending."""
+    def stop(self, grace_seconds: float = 5.0,
+             should_abort: Callable[[], bool] = lambda: False) -> bool:
+        """Let in-flight uploads finish for up to grace_seconds (or until should_abort()), then
+        cut them: a cut upload leaves no file under its final name and its job goes back to
+        pending. True if every worker has ended."""
         self._stopping.set()
         for name in self._wakeups:
             self.wake(name)
         deadline = time.monotonic() + grace_seconds
+        while self.busy_count() and time.monotonic() < deadline and not should_abort():
+            time.sleep(0.05)
+        for worker in self._workers:
+            worker.uploader.close()
+        deadline = time.monotonic() + 3.0
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
-        for worker in self._workers:
-            if worker.is_alive():
-                worker.uploader.close()
-        for worker in self._workers:
-            worker.join(5.0)
-            worker.uploader.close()
+        return not any(worker.is_alive() for worker in self._workers)
 
-    def after_delivery(self, job: Job, sent: FileVersion) -> None:
-        """on_success: delete or move the source once every target of its watch has it."""
-        watch = self.config.watch(job.watch)
+    def after_delivery(self, watch_name: str, rel_path: str, version: FileVersion) -> None:
+        """on_success: delete or move the source once every target of its watch has this
+        version, and no one is writing to it."""
+        watch = self.config.watch(watch_name)
         if watch.on_success == "keep":
             return
         with self._post_action_lock:
-            if not self.store.is_delivered_everywhere(watch.name, job.rel_path, sent,
+            if not self.store.is_delivered_everywhere(watch.name, rel_path, version,
                                                       watch.targets):
                 return
-            source = watch.path / job.rel_path
+            source = watch.path / rel_path
             try:
-                if FileVersion.of(os.lstat(source)) != sent:
-                    return  # changed since it was sent; the new version is on its way
+                if FileVersion.of(os.lstat(source)) != version or \
+                        is_open_for_write_elsewhere(str(source)):
+                    return  # being changed: the new version is on its way
                 if watch.on_success == "delete":
                     source.unlink()
                     log.info("deleted %s (delivered to every target)", source)
                 else:
                     assert watch.archive_dir is not None
-                    destination = watch.archive_dir / job.rel_path
+                    destination = watch.archive_dir / rel_path
                     destination.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(source, destination)
                     log.info("moved %s to %s (delivered to every target)", source, destination)
@@ -133,6 +169,31 @@ class Pool:
             except OSError as exc:
                 log.error("on_success = %s failed for %s: %s (the file stays in place)",
                           watch.on_success, source, exc.strerror or exc)
+
+
+class _TargetGate:
+    """Consecutive connection failures of one target, and until when its workers wait."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._closed_until = 0.0
+
+    def close(self, policy: RetryPolicy) -> float:
+        with self._lock:
+            delay = backoff_seconds(policy, self._failures)
+            self._failures += 1
+            self._closed_until = max(self._closed_until, time.monotonic() + delay)
+            return delay
+
+    def open(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._closed_until = 0.0
+
+    def wait_seconds(self) -> float:
+        with self._lock:
+            return self._closed_until - time.monotonic()
 
 
 class _Worker(threading.Thread):
@@ -146,10 +207,15 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         store = self.pool.store
         while not self.pool.is_stopping:
+            held = self.pool.target_wait_seconds(self.target)
+            if held > 0:
+                self.pool.wait_for_work(self.target.name, min(held, _IDLE_WAIT_SECONDS))
+                continue
             job = store.claim(self.target.name, self.pool.watch_names)
             if job is None:
                 self.pool.wait_for_work(self.target.name, self._idle_seconds())
                 continue
+            self.uploader.progress_at = time.monotonic()
             self.job = job
             try:
                 self._deliver(job)
@@ -175,18 +241,19 @@ class _Worker(threading.Thread):
                       attempt=job.attempts + 1)
         started = time.monotonic()
         try:
-            sent = self.uploader.upload(local, remote)
+            sent = self.uploader.upload(local, remote, expected=job.version)
         except ScpdError as error:
             self._record_failure(job, error, local, fields)
             return
         duration_ms = int((time.monotonic() - started) * 1000)
+        pool.target_up(target)
         pool.count_bytes(sent.size)
         is_done = pool.store.mark_delivered(job, sent)
         logs.event(logging.INFO, "sent", "sent %s to %s:%s (%s in %d ms)", job.rel_path,
                    target.name, remote, _human_bytes(sent.size), duration_ms,
                    bytes=sent.size, duration_ms=duration_ms, **fields)
         if is_done:
-            pool.after_delivery(job, sent)
+            pool.after_delivery(job.watch, job.rel_path, sent)
 
     def _record_failure(self, job: Job, error: ScpdError, local: Path, fields: dict) -> None:
         store, target = self.pool.store, self.target
@@ -197,13 +264,17 @@ class _Worker(threading.Thread):
         elif self.pool.is_stopping and isinstance(error, RetryableError | FileChangedError):
             store.release(job)  # cut by the stop itself; the next start sends it
         elif isinstance(error, FileChangedError):
-            # Its new version is queued once it settles; until then do not resend.
+            # Not sent again until it settles: the settler queues the new version, which makes
+            # the job due at once; the deferral only matters if that never happens.
             watch = self.pool.config.watch(job.watch)
-            store.mark_retry(job, str(error), time.time() + max(1.0, watch.settle_seconds))
-            logs.event(logging.INFO, "retry", "%s changed while it was sent; will send the new"
-                       " version", local, error=str(error), **fields)
+            store.defer(job, time.time() + max(1.0, 2 * watch.settle_seconds))
+            self.pool.renote(job.watch, job.rel_path)
+            log.info("%s: %s; its new version is sent once it settles", target.name, error)
         elif isinstance(error, RetryableError) and not self._should_give_up(job):
-            delay = backoff_seconds(target.retry, job.attempts)
+            if isinstance(error, ConnectError):
+                delay = self.pool.target_down(target)
+            else:
+                delay = backoff_seconds(target.retry, job.attempts)
             store.mark_retry(job, str(error), time.time() + delay)
             logs.event(logging.WARNING, "retry", "%s to %s: %s; retrying in %.1fs",
                        job.rel_path, target.name, error, delay, error=str(error), **fields)

@@ -25,8 +25,9 @@ def is_open_for_write_elsewhere(path: str) -> bool:
     """True if another process has the file open for writing.
 
     The kernel refuses a read lease while any writer holds the file. Where leases cannot be
-    taken (not the owner without CAP_LEASE, NFS) this answers False and settling relies on the
-    quiet period alone.
+    taken (not the owner without CAP_LEASE, NFS) this answers False: a close_write event, or
+    the quiet period, then decides alone. A writer opening the file inside the short window
+    the lease is held makes the kernel send SIGIO, which the daemon ignores.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -72,20 +73,23 @@ class Settler:
         self._lstat = lstat
         self._is_being_written = is_being_written
         self._lock = threading.Lock()
-        self._candidates: dict[str, _Candidate] = {}
+        # Keyed by (watch, path): a file under two overlapping watches is owed to both.
+        self._candidates: dict[tuple[str, str], _Candidate] = {}
 
     def note(self, watch: str, path: str, rel_path: str, settle_seconds: float,
              *, is_closed: bool = False) -> None:
         with self._lock:
-            candidate = self._candidates.get(path)
+            candidate = self._candidates.get((watch, path))
             if candidate is None:
-                self._candidates[path] = _Candidate(watch, rel_path, settle_seconds, is_closed)
+                self._candidates[watch, path] = _Candidate(watch, rel_path, settle_seconds,
+                                                           is_closed)
             else:
                 candidate.is_closed = candidate.is_closed or is_closed
 
     def forget(self, path: str) -> None:
         with self._lock:
-            self._candidates.pop(path, None)
+            for key in [key for key in self._candidates if key[1] == path]:
+                del self._candidates[key]
 
     def __len__(self) -> int:
         with self._lock:
@@ -97,13 +101,14 @@ class Settler:
         with self._lock:
             items = list(self._candidates.items())
         ready: list[ReadyFile] = []
-        for path, candidate in items:
+        for key, candidate in items:
+            path = key[1]
             verdict = self._judge(path, candidate, now)
             if verdict is None:
                 continue
             with self._lock:
-                if self._candidates.get(path) is candidate:
-                    del self._candidates[path]
+                if self._candidates.get(key) is candidate:
+                    del self._candidates[key]
             if verdict is not _GONE:
                 ready.append(ReadyFile(candidate.watch, path, candidate.rel_path, verdict))
         return ready

@@ -108,10 +108,11 @@ class Store:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # also after a failed COMMIT (state disk full)
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self._transaction() as db:
@@ -182,14 +183,13 @@ class Store:
                 UPDATE jobs SET delivered_size = ?, delivered_mtime_ns = ?, delivered_at = ?,
                     attempts = 0, first_failure_at = NULL, last_error = NULL,
                     next_attempt_at = 0,
-                    state = CASE generation WHEN ? THEN 'delivered' ELSE 'pending' END,
-                    size = CASE generation WHEN ? THEN ? ELSE size END,
-                    mtime_ns = CASE generation WHEN ? THEN ? ELSE mtime_ns END,
-                    inode = CASE generation WHEN ? THEN ? ELSE inode END
+                    -- Done unless a different version was queued while this one was sent.
+                    state = CASE WHEN generation = ? OR (size = ? AND mtime_ns = ?)
+                                 THEN 'delivered' ELSE 'pending' END
                 WHERE id = ?
                 """,
-                (sent.size, sent.mtime_ns, now, job.generation, job.generation, sent.size,
-                 job.generation, sent.mtime_ns, job.generation, sent.inode, job.id))
+                (sent.size, sent.mtime_ns, now, job.generation, sent.size, sent.mtime_ns,
+                 job.id))
             state = db.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone()
         return state is not None and state[0] == JobState.DELIVERED
 
@@ -214,6 +214,12 @@ class Store:
                     attempts = attempts + 1, last_error = ?, last_error_at = ?
                 WHERE id = ?
                 """, (job.generation, error, now, job.id))
+
+    def defer(self, job: Job, until: float) -> None:
+        """Not now, and not a failure (the file is still changing): pending again at `until`."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET state = 'pending', next_attempt_at = ? WHERE id = ?",
+                       (until, job.id))
 
     def release(self, job: Job) -> None:
         """Back to pending at once, untouched (e.g. the daemon is stopping)."""

@@ -4,6 +4,8 @@ One remote command per file, so a single exit status covers every step:
 
     { mkdir -p -- DIR && scp -p -t -- TMP && mv -f -- TMP FINAL; } || { rm -f -- TMP; exit 1; }
 
+(with a guard that refuses to mv onto a directory named FINAL).
+
 Every remote path is shell-quoted (file names are data, never shell), exactly the announced
 number of bytes is sent, and a file that changed while it was read is aborted with a fatal
 \\x02 record so that the remote scp exits non-zero and the temporary copy is removed.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shlex
+import time
 
 import paramiko
 
@@ -42,8 +45,10 @@ class ScpUploader(Uploader):
     def close(self) -> None:
         self.connection.close()
 
-    def upload(self, local_path: str | os.PathLike[str], remote_path: str) -> FileVersion:
-        with LocalFile(local_path) as local:
+    def upload(self, local_path: str | os.PathLike[str], remote_path: str,
+               expected: FileVersion | None = None) -> FileVersion:
+        self.progress_at = time.monotonic()
+        with LocalFile(local_path, expected) as local:
             try:
                 return self._send(local, remote_path)
             except (OSError, EOFError, paramiko.SSHException) as exc:
@@ -56,7 +61,8 @@ class ScpUploader(Uploader):
     def _send(self, local: LocalFile, remote_path: str) -> FileVersion:
         target = self.target
         final = remote_path
-        tmp = posixpath.join(posixpath.dirname(final), temp_name(posixpath.basename(final)))
+        tmp = posixpath.join(posixpath.dirname(final),
+                             temp_name(posixpath.basename(final), is_per_attempt=True))
         channel = self.connection.transport().open_session(
             timeout=target.connect_timeout_seconds)
         try:
@@ -91,17 +97,22 @@ class ScpUploader(Uploader):
         q = shlex.quote
         flags = "-p " if (self.target.preserve_times or self.target.preserve_mode) else ""
         directory = posixpath.dirname(final) or "."
-        return (f"{{ mkdir -p -- {q(directory)} && scp {flags}-t -- {q(tmp)} && "
-                f"mv -f -- {q(tmp)} {q(final)}; }} || {{ rm -f -- {q(tmp)}; exit 1; }}")
+        # mv onto an existing directory would move the file inside it: refuse that instead.
+        publish = (f"if [ -d {q(final)} ]; then printf 'scpd: %s: Is a directory\\n' {q(final)}"
+                   f" >&2; false; else mv -f -- {q(tmp)} {q(final)}; fi")
+        return (f"{{ mkdir -p -- {q(directory)} && scp {flags}-t -- {q(tmp)} && {publish}; }}"
+                f" || {{ rm -f -- {q(tmp)}; exit 1; }}")
 
     def _send_data(self, channel: paramiko.Channel, local: LocalFile) -> None:
         chunk = self.throttle.chunk_bytes(_CHUNK_BYTES)
         for data in local.read_chunks(chunk):
             self.throttle.take(len(data))
             channel.sendall(data)
+            self.progress_at = time.monotonic()
 
     def _expect_ack(self, channel: paramiko.Channel) -> None:
         code = channel.recv(1)
+        self.progress_at = time.monotonic()
         if code == b"\x00":
             return
         if not code:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
+import time
 
 import paramiko
 
@@ -38,33 +40,35 @@ class SftpUploader(Uploader):
         self._sftp = None
         self.connection.close()
 
-    def upload(self, local_path: str | os.PathLike[str], remote_path: str) -> FileVersion:
-        with LocalFile(local_path) as local:
+    def upload(self, local_path: str | os.PathLike[str], remote_path: str,
+               expected: FileVersion | None = None) -> FileVersion:
+        self.progress_at = time.monotonic()
+        with LocalFile(local_path, expected) as local:
             sftp = self.client()
             # paramiko encodes str paths as strict UTF-8; bytes carry any file name.
             final = os.fsencode(remote_path)
             tmp = posixpath.join(posixpath.dirname(final),
-                                 os.fsencode(temp_name(os.fsdecode(posixpath.basename(final)))))
+                                 os.fsencode(temp_name(os.fsdecode(posixpath.basename(final)),
+                                                       is_per_attempt=False)))
             try:
                 self.makedirs(sftp, posixpath.dirname(final))
                 self._write(sftp, local, tmp)
-                sftp.posix_rename(tmp, final)
+                self._rename(sftp, tmp, final)
                 return local.version
             except ScpdError:
                 self._remove_quietly(sftp, tmp)
                 raise
-            except OSError as exc:
-                if isinstance(exc, ConnectionError | TimeoutError) or exc.errno is None:
-                    # errno None is OpenSSH's generic SSH_FX_FAILURE, which is also how a
-                    # full disk shows over SFTPv3: retry rather than give the file up.
-                    self._remove_quietly(sftp, tmp)
-                    raise TransferInterrupted(f"remote: {exc} while writing {os.fsdecode(tmp)}"
-                                          ) from None
-                self._remove_quietly(sftp, tmp)
-                raise RemotePathError(f"remote: {exc.strerror or exc} ({remote_path})") from None
-            except (EOFError, paramiko.SSHException) as exc:
-                self.close()
+            except (EOFError, paramiko.SSHException, ConnectionError, TimeoutError) as exc:
+                self.close()  # a half-open connection would stall every retry again
                 raise classify(exc) from None
+            except OSError as exc:
+                self._remove_quietly(sftp, tmp)
+                if exc.errno is None:
+                    # OpenSSH's generic SSH_FX_FAILURE, which is also how a full disk shows
+                    # over SFTPv3: retry rather than give the file up.
+                    raise TransferInterrupted(f"remote: {exc} while writing {os.fsdecode(tmp)}"
+                                              ) from None
+                raise RemotePathError(f"remote: {exc.strerror or exc} ({remote_path})") from None
 
     def client(self) -> paramiko.SFTPClient:
         transport = self.connection.transport()
@@ -99,17 +103,35 @@ class SftpUploader(Uploader):
 
     def _write(self, sftp: paramiko.SFTPClient, local: LocalFile, tmp: bytes) -> None:
         chunk = self.throttle.chunk_bytes(_CHUNK_BYTES)
+        # A new inode, not the old temp truncated: writes of a cut session that the remote
+        # sftp-server still has queued then land in the unlinked old file, never in this one.
+        self._remove_quietly(sftp, tmp)
         with sftp.open(tmp, "wb") as remote:
             remote.set_pipelined(True)
             for data in local.read_chunks(chunk):
                 self.throttle.take(len(data))
                 remote.write(data)
+                self.progress_at = time.monotonic()
+            remote.flush()
+            _wait_for_write_replies(remote)
             mode = (local.stat.st_mode & 0o7777) if self.target.preserve_mode else 0o644
             remote.chmod(mode)
         if self.target.preserve_times:
             sftp.utime(tmp, (local.stat.st_atime_ns / 1e9, local.stat.st_mtime_ns / 1e9))
+        written = sftp.stat(tmp).st_size
+        if written != local.version.size:
+            raise TransferInterrupted(f"remote holds {written} of {local.version.size} bytes"
+                                      f" of {os.fsdecode(tmp)}")
         if local.has_changed():
             raise FileChangedError(f"{local.path} changed while it was sent")
+
+    def _rename(self, sftp: paramiko.SFTPClient, tmp: bytes, final: bytes) -> None:
+        try:
+            sftp.posix_rename(tmp, final)
+        except OSError as exc:
+            if exc.errno is None and _is_dir(sftp, final):
+                raise RemotePathError(f"remote: {os.fsdecode(final)}: Is a directory") from None
+            raise
 
     def _remove_quietly(self, sftp: paramiko.SFTPClient, path: bytes) -> None:
         try:
@@ -118,3 +140,22 @@ class SftpUploader(Uploader):
             pass  # gone already, or the link is down: the next attempt overwrites it
 
 
+
+
+def _wait_for_write_replies(remote: paramiko.SFTPFile) -> None:
+    """Collect the status of every pipelined write, in order, raising on the first error.
+
+    paramiko files pipelined write replies under no file object: a reply that arrives while
+    it waits for another request (chmod, close) is dropped unread, so a failed write (a full
+    disk) would go unnoticed. Reading each one here, before any other request, sees them all.
+    """
+    pending = remote._reqs  # noqa: SLF001 -- paramiko has no public way to await writes
+    while pending:
+        remote.sftp._read_response(pending.popleft())  # noqa: SLF001 -- raises on error
+
+
+def _is_dir(sftp: paramiko.SFTPClient, path: bytes) -> bool:
+    try:
+        return stat.S_ISDIR(sftp.stat(path).st_mode or 0)
+    except OSError:
+        return False

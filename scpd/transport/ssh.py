@@ -11,7 +11,7 @@ from pathlib import Path
 import paramiko
 
 from scpd.config import Target
-from scpd.errors import ConfigError, ConnectError, classify
+from scpd.errors import ConfigError, ConnectError, RetryableError, classify
 
 log = logging.getLogger("scpd.transport")
 
@@ -129,6 +129,7 @@ class SshConnection:
         self.target = target
         self.credentials = credentials
         self._client: paramiko.SSHClient | None = None
+        self._sock: socket.socket | None = None  # so close() can cut a connect in progress
 
     def transport(self) -> paramiko.Transport:
         if self._client is not None:
@@ -144,7 +145,7 @@ class SshConnection:
     def _connect(self) -> paramiko.SSHClient:
         target = self.target
         client = _host_keys_client(target)
-        sock = _open_socket(target)
+        sock = self._sock = _open_socket(target)
         try:
             client.connect(
                 target.host, port=target.port, username=target.user,
@@ -158,7 +159,10 @@ class SshConnection:
         except Exception as exc:
             client.close()
             sock.close()
-            raise classify(exc) from None
+            error = classify(exc)
+            if isinstance(error, RetryableError):  # no session yet: the target is unreachable
+                raise ConnectError(str(error)) from None
+            raise error from None
         active = client.get_transport()
         assert active is not None
         # Keepalives do not detect a dead peer (paramiko sends them without waiting), but they
@@ -167,6 +171,9 @@ class SshConnection:
         return client
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()

@@ -1,0 +1,320 @@
+"""The delivery promise (DESIGN.md section 4) under faults, against a real sshd and scpd run as
+a subprocess: the connection cut mid-file, sshd down while files arrive, the daemon killed
+with SIGKILL mid-stream, a file growing while it is sent, a remote path that cannot exist."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+
+from tools.faultproxy import FaultProxy
+from tools.sshd import ThrowawaySshd
+
+PROTOCOLS = ["scp", "sftp"]
+MiB = 1024 * 1024
+POLL_SECONDS = 0.02
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_file(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def temp_files(remote_dir: Path) -> list[Path]:
+    return sorted(remote_dir.rglob("*.scpd-part"))
+
+
+def final_files(remote_dir: Path) -> list[Path]:
+    return sorted(p for p in remote_dir.iterdir() if not p.name.startswith("."))
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(POLL_SECONDS)
+    return condition()
+
+
+def wait_for_no_temp_files(remote_dir: Path) -> list[Path]:
+    # An SCP session cut by a fault removes its temporary file itself, on the remote side,
+    # a moment after the cut: give it that moment.
+    wait_until(lambda: not temp_files(remote_dir), 3.0)
+    return temp_files(remote_dir)
+
+
+def known_hosts_for_port(sshd: ThrowawaySshd, port: int, path: Path) -> Path:
+    """known_hosts naming the sshd's host key as it is reached through another port."""
+    line = sshd.host_key_line()
+    assert line.startswith(f"[127.0.0.1]:{sshd.port} ")
+    path.write_text(line.replace(f"]:{sshd.port} ", f"]:{port} ", 1) + "\n")
+    return path
+
+
+def retry_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "retrying in" in line]
+
+
+# -- a. the connection cut mid-file -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("cut_after_bytes", [200_000, 1_000_000, 3_000_000])
+def test_run_once_delivers_the_whole_file_when_the_connection_is_cut_mid_file(
+        tmp_path: Path, sshd: ThrowawaySshd, remote_dir: Path, protocol: str,
+        cut_after_bytes: int):
+    # The first few KB upstream are the SSH handshake; every offset here is inside the data.
+    with FaultProxy(sshd.port, cut_after_bytes=cut_after_bytes) as proxy:
+        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "known_hosts_proxy")
+        s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=proxy.port,
+                         target_extra=f'protocol = "{protocol}"\nconnections = 1')
+        local = make_file(s.watch_dir / "big.bin", 4 * MiB)
+
+        result = s.scpd("run", "--once", "--timeout", "20s", timeout=40)
+
+        assert result.returncode == 0, result.stderr
+        assert proxy.has_cut, "the proxy never cut: the test proved nothing"
+        assert proxy.connections >= 2
+    assert retry_lines(result.stderr), result.stderr
+    assert sha256(remote_dir / "big.bin") == sha256(local)
+    assert wait_for_no_temp_files(remote_dir) == []
+    assert "Traceback" not in result.stderr
+
+
+# -- a'. a half-open connection, whose server side ends late -----------------------------------
+
+
+@pytest.mark.parametrize("protocol", [
+    "scp",
+    "sftp",
+])
+def test_retry_survives_the_cut_session_ending_late_on_the_remote(
+        tmp_path: Path, sshd: ThrowawaySshd, remote_dir: Path, protocol: str):
+    # A half-open connection: scpd gives up on it (io_timeout) and retries on a new one, but
+    # the server learns that the old session is dead only later, while the retry writes to
+    # the same remote directory. Whatever the old session does then must not spoil the retry.
+    with FaultProxy(sshd.port, stall_after_bytes=1_000_000) as proxy:
+        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "known_hosts_proxy")
+        s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=proxy.port,
+                         target_extra=f'protocol = "{protocol}"\nconnections = 1\n'
+                                      'bandwidth_limit = "2MiB/s"')
+        s.config.write_text(s.config.read_text().replace('io_timeout = "5s"',
+                                                         'io_timeout = "2s"'))
+        local = make_file(s.watch_dir / "big.bin", 4 * MiB)
+
+        run = s.start_daemon("--once", "--timeout", "20s")
+        try:
+            assert run.wait_for_log("retrying in", 10.0), run.log()
+            assert wait_until(lambda: proxy.connections >= 2, 2.0), (
+                f"the retry did not reconnect: it went on over the stalled connection\n"
+                f"{run.log()}")
+            time.sleep(0.7)  # the retry is about a third of the way through (4 MiB at 2 MiB/s)
+            assert proxy.end_stalled() == 1
+            returncode = run.process.wait(30)
+        finally:
+            run.stop()
+
+    assert returncode == 0, run.log()
+    assert sha256(remote_dir / "big.bin") == sha256(local)
+    assert wait_for_no_temp_files(remote_dir) == []
+
+
+# -- b. sshd down while files arrive ------------------------------------------------------------
+
+
+class DownSshd:
+    """An sshd of this test's own (the session one stays up for the others), known to the
+    config, then stopped: start() brings it back on the same port with the same host key."""
+
+    def __init__(self, tmp_path: Path):
+        self.server = ThrowawaySshd(tmp_path / "own-sshd")
+        self.server.start()
+        try:
+            self.known_hosts = self.server.write_known_hosts(tmp_path / "known_hosts")
+        finally:
+            self.server.stop()
+
+
+@pytest.fixture
+def down_sshd(tmp_path: Path):
+    down = DownSshd(tmp_path)
+    try:
+        yield down
+    finally:
+        down.server.stop()
+
+
+def test_daemon_delivers_files_that_arrived_while_sshd_was_down(
+        tmp_path: Path, remote_dir: Path, down_sshd: DownSshd):
+    server = down_sshd.server
+    s = write_config(tmp_path, server, down_sshd.known_hosts, remote_dir)  # retry 200ms .. 1s
+    files = [make_file(s.watch_dir / f"file-{i}.bin", 50_000) for i in range(5)]
+
+    daemon = s.start_daemon()
+    try:
+        assert daemon.wait_for_log("retrying in", 5), daemon.log()
+        time.sleep(2.0)
+        assert daemon.process.poll() is None, daemon.log()
+        assert final_files(remote_dir) == []
+
+        server.start()
+        landed = wait_until(lambda: all(
+            (remote_dir / f.name).is_file() and sha256(remote_dir / f.name) == sha256(f)
+            for f in files), 10.0)
+
+        assert landed, f"{final_files(remote_dir)}\n{daemon.log()}"
+        assert daemon.process.poll() is None, daemon.log()
+    finally:
+        returncode = daemon.stop(signal.SIGTERM)
+    assert returncode == 0, daemon.log()
+    assert temp_files(remote_dir) == []
+    assert "Traceback" not in daemon.log()
+
+
+def test_daemon_does_not_hammer_a_down_sshd_however_many_files_wait(
+        tmp_path: Path, remote_dir: Path, down_sshd: DownSshd):
+    s = write_config(tmp_path, down_sshd.server, down_sshd.known_hosts, remote_dir)
+    for i in range(5):
+        make_file(s.watch_dir / f"file-{i}.bin", 50_000)
+
+    daemon = s.start_daemon()
+    try:
+        assert daemon.wait_for_log("retrying in", 5), daemon.log()
+        time.sleep(2.0)
+        assert daemon.process.poll() is None, daemon.log()
+        lines = retry_lines(daemon.log())
+    finally:
+        returncode = daemon.stop(signal.SIGTERM)
+    assert returncode == 0, daemon.log()
+    # Backoff from 200 ms doubling to a 1 s cap allows about five tries of a dead target in
+    # two seconds, however many files wait for it. More is a hot loop against the server.
+    assert 1 <= len(lines) <= 10, "\n".join(lines)
+
+
+# -- c. kill -9 mid-stream ----------------------------------------------------------------------
+
+
+def test_kill_9_mid_stream_leaves_only_complete_files_and_run_once_delivers_the_rest(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path):
+    # Four connections: several transfers are in flight when the kill comes. The cap keeps
+    # the kill mid-stream however fast this machine is.
+    cap = 'bandwidth_limit = "8MiB/s"'
+    s = write_config(tmp_path, sshd, known_hosts, remote_dir,
+                     target_extra=f"connections = 4\n{cap}")
+    rng = random.Random(9)
+    files = [make_file(s.watch_dir / f"file-{i:03d}.bin", rng.randint(20_000, 200_000))
+             for i in range(200)]
+    digests = {f.name: sha256(f) for f in files}
+
+    daemon = s.start_daemon()
+    try:
+        wait_until(lambda: len(final_files(remote_dir)) >= 30 or daemon.process.poll() is not None,
+                   20.0)
+    finally:
+        daemon.stop(signal.SIGKILL)
+    landed = final_files(remote_dir)
+
+    assert 30 <= len(landed) < len(files), f"killed after {len(landed)} files\n{daemon.log()}"
+    # Never partial: whatever is under a final name is the whole file.
+    for remote in landed:
+        assert sha256(remote) == digests[remote.name], f"{remote.name} is not complete"
+
+    s.config.write_text(s.config.read_text().replace(cap, ""))
+    result = s.scpd("run", "--once", "--timeout", "60s", timeout=90)
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in final_files(remote_dir)) == sorted(digests)
+    for remote in final_files(remote_dir):
+        assert sha256(remote) == digests[remote.name], f"{remote.name} differs"
+    assert wait_for_no_temp_files(remote_dir) == []
+
+
+# -- d. a file that grows while it is sent ------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_file_that_grows_while_sent_never_lands_as_its_first_version(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path,
+        protocol: str):
+    # 3 MiB at 1 MiB/s: the first send takes about three seconds, and the append falls
+    # right after it started, so the first version can never complete before the append.
+    s = write_config(tmp_path, sshd, known_hosts, remote_dir,
+                     target_extra=f'protocol = "{protocol}"\nbandwidth_limit = "1MiB/s"\n'
+                                  "connections = 1")
+    local = make_file(s.watch_dir / "growing.bin", 3 * MiB)
+    final = remote_dir / "growing.bin"
+
+    def part_exists() -> bool:  # .growing.bin[.<token>].scpd-part: scp adds an attempt token
+        return any(remote_dir.glob(".growing.bin*.scpd-part"))
+    seen: set[str] = set()
+
+    def look() -> None:
+        if final.is_file():
+            seen.add(sha256(final))
+
+    daemon = s.start_daemon()
+    try:
+        def has_started() -> bool:
+            look()
+            return part_exists() or bool(seen)
+
+        assert wait_until(has_started, 10.0), f"no temporary file appeared\n{daemon.log()}"
+        assert not seen, "the first version landed before the test could append"
+        with local.open("ab") as f:
+            f.write(os.urandom(100_000))
+        final_digest = sha256(local)
+
+        def is_final_landed() -> bool:
+            look()
+            return final_digest in seen
+
+        assert wait_until(is_final_landed, 20.0), daemon.log()
+        look()
+    finally:
+        returncode = daemon.stop()
+    assert seen == {final_digest}, "a version other than the final one was renamed into place"
+    assert returncode == 0, daemon.log()
+    assert "changed while it was sent" in daemon.log()
+    assert wait_for_no_temp_files(remote_dir) == []
+
+
+# -- e. a remote path that cannot exist ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_remote_dir_under_a_regular_file_fails_at_once_with_one_clear_error(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, protocol: str):
+    # Root bypasses permission bits, but not "Not a directory": a portable permanent error.
+    blocker = tmp_path / "afile"
+    blocker.write_text("a file, not a directory\n")
+    s = write_config(tmp_path, sshd, known_hosts, blocker / "sub",
+                     target_extra=f'protocol = "{protocol}"')
+    make_file(s.watch_dir / "a.txt", 1000)
+
+    started = time.monotonic()
+    result = s.scpd("run", "--once", "--timeout", "5s", timeout=30)
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 1, result.stderr
+    assert elapsed < 3.0, f"took {elapsed:.1f}s: a permanent error must not be retried"
+    assert "Traceback" not in result.stderr
+    assert retry_lines(result.stderr) == [], result.stderr
+    failed = [line for line in result.stderr.splitlines() if "failed a.txt" in line]
+    assert len(failed) == 1, result.stderr
+    assert str(blocker) in failed[0] or "Not a directory" in failed[0], failed[0]
+    assert "Not a directory" in failed[0] or "No such file" in failed[0], failed[0]
+    assert blocker.read_text() == "a file, not a directory\n"
