@@ -126,8 +126,9 @@ def classify(exc: BaseException) -> ScpdError:
             f"(got {exc.key.get_name()} {exc.key.fingerprint}): possible man-in-the-middle"
         )
     if isinstance(exc, paramiko.AuthenticationException):
-        # paramiko says "Authentication failed" also when the link died during auth.
-        if "transport shut down or saw EOF" in str(exc):
+        # paramiko raises this also when the link died or stalled during authentication.
+        if any(text in str(exc) for text in ("transport shut down or saw EOF",
+                                             "Authentication timeout")):
             return ConnectError(f"connection lost during authentication: {exc}")
         return AuthError(f"authentication failed: {exc}")
     if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):

@@ -22,9 +22,7 @@ def setup(*, verbose: bool = False) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     if os.environ.get("JOURNAL_STREAM"):
-        from systemd.journal import JournalHandler
-
-        handler: logging.Handler = JournalHandler(SYSLOG_IDENTIFIER="scpd")
+        handler: logging.Handler = _journal_handler()
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_StderrFormatter())
@@ -33,6 +31,37 @@ def setup(*, verbose: bool = False) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     # paramiko logs every failed handshake with a traceback; scpd logs its own sorted error.
     logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
+
+
+def _journal_handler() -> logging.Handler:
+    from systemd.journal import JournalHandler
+
+    class _BytesSafeJournalHandler(JournalHandler):
+        """File names are bytes, and not all are UTF-8 (Python holds them with surrogate
+        escapes), but systemd-python encodes strictly: such a record would be lost with a
+        traceback. Fields go to journald as the raw bytes; the message shows \\x escapes."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            record.msg = _printable(record.getMessage())
+            record.args = None
+            for key, value in list(vars(record).items()):
+                if key.startswith("SCPD_") and isinstance(value, str) and not _is_utf8(value):
+                    setattr(record, key, os.fsencode(value))
+            super().emit(record)
+
+    return _BytesSafeJournalHandler(SYSLOG_IDENTIFIER="scpd")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def event(level: int, name: str, message: str, *args: object, **fields: object) -> None:

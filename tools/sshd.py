@@ -36,9 +36,12 @@ class ThrowawaySshd:
     brings the same server back on the same address with the same host key.
     """
 
-    def __init__(self, workdir: Path, *, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, *, extra_config: str = "",
+                 launcher: list[str] | None = None) -> None:
+        """launcher: a command prefix sshd runs under (e.g. unshare for a private mount)."""
         self.workdir = Path(workdir).absolute()
         self.extra_config = extra_config
+        self.launcher = launcher or []
         self.port: int | None = None
         # The effective user, not $USER: it is the only one a non-root sshd can log in.
         self.user = pwd.getpwuid(os.geteuid()).pw_name
@@ -73,7 +76,7 @@ class ThrowawaySshd:
         _run([SSHD, "-t", "-f", self.config])
 
         log_offset = self.log.stat().st_size if self.log.exists() else 0
-        command = [str(SSHD), "-D", "-e", "-f", str(self.config)]
+        command = [*self.launcher, str(SSHD), "-D", "-e", "-f", str(self.config)]
         if shutil.which("setpriv"):
             # If the test run dies without cleaning up, the kernel ends sshd too. The signal
             # follows the *thread* that started sshd, so start it from a long-lived thread.

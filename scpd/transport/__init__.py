@@ -37,11 +37,17 @@ def probe(target: Target, credentials: Credentials, remote_dirs: list[str]) -> l
             uploader = SftpUploader(connection, Throttle([]))
             sftp = uploader.client()
             for directory in remote_dirs:
-                uploader.makedirs(sftp, directory)
                 probe_path = f"{directory.rstrip('/')}/.scpd-check"
-                with sftp.open(probe_path, "wb") as f:
-                    f.write(b"")
-                sftp.remove(probe_path)
+                try:
+                    uploader.makedirs(sftp, directory)
+                    with sftp.open(probe_path, "wb") as f:
+                        f.write(b"")
+                    sftp.remove(probe_path)
+                except (EOFError, paramiko.SSHException, ConnectionError, TimeoutError) as exc:
+                    raise classify(exc) from None
+                except OSError as exc:
+                    raise RemotePathError(f"{directory} is not writable over sftp:"
+                                          f" {exc.strerror or exc}") from None
                 checked.append(f"{directory} writable over sftp")
             return checked
         for directory in remote_dirs:

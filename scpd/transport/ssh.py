@@ -11,7 +11,7 @@ from pathlib import Path
 import paramiko
 
 from scpd.config import Target
-from scpd.errors import ConfigError, ConnectError, RetryableError, classify
+from scpd.errors import ConfigError, ConnectError, HostKeyError, RetryableError, classify
 
 log = logging.getLogger("scpd.transport")
 
@@ -71,10 +71,15 @@ class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
 
     def missing_host_key(self, client, hostname, key):
         line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
-        with _known_hosts_lock:
-            self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-            with self.known_hosts.open("a", encoding="utf-8") as f:
-                f.write(line)
+        try:
+            with _known_hosts_lock:
+                self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+                with self.known_hosts.open("a", encoding="utf-8") as f:
+                    f.write(line)
+        except OSError as exc:
+            raise HostKeyError(f"cannot record the new host key of {hostname} in"
+                               f" {self.known_hosts}: {exc.strerror} (host_key_policy ="
+                               ' "accept-new" needs it writable)') from None
         client.get_host_keys().add(hostname, key.get_name(), key)
         log.warning("accepted new host key for %s: %s %s (host_key_policy = accept-new)",
                     hostname, key.get_name(), key.fingerprint)

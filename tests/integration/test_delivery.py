@@ -236,3 +236,64 @@ def _port_of(s: Setup) -> int:
         if line.startswith("port = "):
             return int(line.split("=")[1])
     raise AssertionError("no port in config")
+
+
+def test_overlapping_watches_each_deliver_to_their_own_targets(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path):
+    s = write_config(tmp_path, sshd, known_hosts, remote_dir)
+    inner_remote = tmp_path / "inner-remote"
+    text = s.config.read_text()
+    second_target = text.split("[targets.local]")[1].split("[[watch]]")[0].replace(
+        f'remote_dir = "{remote_dir}"', f'remote_dir = "{inner_remote}"')
+    s.config.write_text(text.replace("[[watch]]", f"[targets.inner]{second_target}[[watch]]")
+                        + f'\n[[watch]]\nname = "reports"\npath = "{s.watch_dir}/reports"\n'
+                          'targets = ["inner"]\nsettle = "300ms"\n')
+    local = make_file(s.watch_dir / "reports" / "q3.pdf", 1000)
+
+    result = s.scpd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert_landed(local, remote_dir / "reports" / "q3.pdf")
+    assert_landed(local, inner_remote / "q3.pdf")
+
+
+def test_a_remote_directory_in_the_way_is_refused_not_filled(protocol_setup: Setup):
+    s = protocol_setup
+    (s.remote_dir / "data").mkdir()
+    make_file(s.watch_dir / "data", 100)
+
+    result = s.scpd("run", "--once", "--timeout", "5s")
+
+    assert result.returncode == 1, result.stderr
+    assert "Is a directory" in result.stderr
+    assert list((s.remote_dir / "data").iterdir()) == []
+
+
+def test_check_names_an_unwritable_remote_dir_over_sftp(protocol_setup: Setup, tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    text = protocol_setup.config.read_text()
+    protocol_setup.config.write_text(text.replace(f'remote_dir = "{protocol_setup.remote_dir}"',
+                                                  f'remote_dir = "{blocker}/incoming"'))
+
+    result = protocol_setup.scpd("check")
+
+    assert result.returncode == 69, result.stderr
+    assert "target local: FAILED" in result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "internal error" not in result.stderr
+
+
+def test_accept_new_with_an_unwritable_known_hosts_fails_with_the_reason(
+        tmp_path: Path, sshd: ThrowawaySshd, remote_dir: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    s = write_config(tmp_path, sshd, blocker / "known_hosts", remote_dir,
+                     target_extra='host_key_policy = "accept-new"')
+    make_file(s.watch_dir / "a.txt", 10)
+
+    result = s.scpd("run", "--once", "--timeout", "3s")
+
+    assert result.returncode == 1, result.stderr
+    assert "cannot record the new host key" in result.stderr
+    assert not (remote_dir / "a.txt").exists()

@@ -318,3 +318,108 @@ def test_remote_dir_under_a_regular_file_fails_at_once_with_one_clear_error(
     assert str(blocker) in failed[0] or "Not a directory" in failed[0], failed[0]
     assert "Not a directory" in failed[0] or "No such file" in failed[0], failed[0]
     assert blocker.read_text() == "a file, not a directory\n"
+
+
+# -- f. a stall where paramiko waits without a timeout ------------------------------------------
+
+
+def bytes_until_session_open(sshd: ThrowawaySshd, tmp_path: Path) -> int:
+    """Client-to-server bytes scpd's own connection sends up to an open session channel:
+    the same for every connection of the same keys and algorithms."""
+    from scpd import config as config_module
+    from scpd.transport import load_credentials
+    from scpd.transport.ssh import SshConnection
+
+    with FaultProxy(sshd.port) as proxy:
+        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "kh-measure")
+        s = write_config(tmp_path / "measure", sshd, known_hosts, tmp_path, port=proxy.port)
+        target = config_module.load(s.config).targets["local"]
+        connection = SshConnection(target, load_credentials(target))
+        try:
+            connection.transport().open_session(timeout=5).close()
+            assert wait_until(lambda: proxy.upstream_bytes > 0, 1.0)
+            time.sleep(0.2)
+            return proxy.upstream_bytes
+        finally:
+            connection.close()
+
+
+def test_stall_inside_the_exec_request_is_cut_and_the_file_still_lands(
+        tmp_path: Path, sshd: ThrowawaySshd, remote_dir: Path):
+    # paramiko's exec_command waits for the server's reply with no timeout at all: stall the
+    # link in the middle of that request and only scpd's stall guard can get the worker back.
+    (tmp_path / "measure").mkdir()
+    stall_at = bytes_until_session_open(sshd, tmp_path) + 40
+    with FaultProxy(sshd.port, stall_after_bytes=stall_at) as proxy:
+        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "known_hosts_proxy")
+        s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=proxy.port,
+                         target_extra="connections = 1")
+        s.config.write_text(s.config.read_text().replace('io_timeout = "5s"',
+                                                         'io_timeout = "1s"'))
+        local = make_file(s.watch_dir / "a.bin", 100_000)
+
+        result = s.scpd("run", "--once", "--timeout", "20s")
+
+    assert proxy.has_stalled
+    assert result.returncode == 0, result.stderr
+    assert "no progress" in result.stderr
+    assert sha256(remote_dir / "a.bin") == sha256(local)
+
+
+# -- g. the remote disk is full ------------------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk_sshd(tmp_path: Path):
+    """An sshd of its own whose remote directory is a 1 MiB tmpfs, mounted in a private mount
+    namespace so that the machine never sees it (it vanishes with the sshd)."""
+    if os.geteuid() != 0:
+        pytest.skip("a tmpfs for the full remote disk needs root (mount namespace)")
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing")
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"mount namespaces are not permitted here: {probe.stderr.decode().strip()}")
+    small = tmp_path / "small"
+    small.mkdir()
+    mount_then_exec = f'mount -t tmpfs -o size=1m scpd-full {small} && exec "$@"'
+    server = ThrowawaySshd(tmp_path / "full-sshd", launcher=[
+        "unshare", "-m", "--propagation", "private", "sh", "-c", mount_then_exec, "sh"])
+    server.start()
+    try:
+        yield server, small
+    finally:
+        server.stop()
+
+
+def in_sshd_namespace(server: ThrowawaySshd, *command: str) -> str:
+    """Run a command in the sshd's mount namespace: what the remote side sees."""
+    import subprocess
+
+    return subprocess.run(["nsenter", "-t", str(server.pid), "-m", "--", *command],
+                          capture_output=True, text=True, check=False).stdout
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_full_remote_disk_is_retried_and_never_reported_delivered(
+        tmp_path: Path, full_disk_sshd, protocol: str):
+    server, small = full_disk_sshd
+    known_hosts = server.write_known_hosts(tmp_path / "known_hosts")
+    s = write_config(tmp_path, server, known_hosts, small / "in",
+                     target_extra=f'protocol = "{protocol}"')
+    make_file(s.watch_dir / "big.bin", 1_500_000)
+    make_file(s.watch_dir / "small.bin", 100_000)
+
+    result = s.scpd("run", "--once", "--timeout", "2s")
+
+    assert result.returncode == 75, result.stderr  # still owed: not failed, not delivered
+    assert "No space left on device" in result.stderr or "Failure" in result.stderr
+    assert "sent big.bin" not in result.stderr
+    remote_names = in_sshd_namespace(server, "ls", "-a", str(small / "in")).split()
+    assert "big.bin" not in remote_names, "a partial file is under its final name"
+    assert not [n for n in remote_names if n.endswith(".scpd-part")]
+    local_status = s.scpd("status", "--json").stdout
+    assert '"pending": 1' in local_status

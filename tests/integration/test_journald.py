@@ -169,3 +169,19 @@ def test_refused_connection_is_logged_to_journald_as_a_retry_warning(
     assert entry["SCPD_ERROR"]
     assert not run.events("sent")
     assert not (remote_dir / "a.txt").exists()
+
+
+def test_a_file_name_that_is_not_utf8_reaches_journald_as_its_bytes(
+        tmp_path: Path, setup: Setup) -> None:
+    raw_name = b"caf\xe9.csv"
+    (setup.watch_dir / os.fsdecode(raw_name)).write_bytes(b"1\n")
+
+    run = _run_scpd_with_private_journald(tmp_path, setup)
+
+    assert run.returncode == 0, run.stderr
+    assert "Logging error" not in run.stderr
+    sent = run.events("sent")
+    assert len(sent) == 1, run.entries
+    # journalctl -o json shows a field that is not UTF-8 as the list of its byte values.
+    assert bytes(sent[0]["SCPD_PATH"]) == os.fsencode(setup.watch_dir) + b"/" + raw_name
+    assert "caf\\xe9.csv" in sent[0]["MESSAGE"]

@@ -40,6 +40,12 @@ def test_classify_retries_an_auth_failure_that_was_really_a_lost_connection() ->
     assert not isinstance(error, PermanentError)
 
 
+def test_classify_retries_an_auth_timeout_caused_by_a_stalled_link() -> None:
+    error = classify(paramiko.AuthenticationException("Authentication timeout."))
+
+    assert isinstance(error, RetryableError)
+
+
 def test_classify_sorts_a_changed_host_key_as_a_host_key_error() -> None:
     got, expected = paramiko.ECDSAKey.generate(), paramiko.ECDSAKey.generate()
 
