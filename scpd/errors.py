@@ -116,6 +116,26 @@ def classify_remote_message(message: str) -> ScpdError:
     return TransferInterrupted(f"remote: {message}")
 
 
+def classify_connect(exc: OSError, where: str) -> ConnectError:
+    """A failure to open the TCP connection to host:port."""
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(f"cannot resolve {where.rsplit(':', 1)[0]}: {exc.strerror}")
+    if isinstance(exc, TimeoutError):
+        return ConnectError(f"connection to {where} timed out")
+    return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}")
+
+
+def classify_sftp(exc: BaseException, path: str) -> ScpdError:
+    """An error from an SFTP request about `path`."""
+    if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+        if exc.errno is None:
+            # OpenSSH's generic SSH_FX_FAILURE, which is also how a full disk shows over
+            # SFTPv3: retry rather than give the file up.
+            return TransferInterrupted(f"remote: {exc} ({path})")
+        return RemotePathError(f"remote: {exc.strerror or exc} ({path})")
+    return classify(exc)
+
+
 def classify(exc: BaseException) -> ScpdError:
     """Map a paramiko, socket or OS exception to the scpd family. Nothing else inspects them."""
     if isinstance(exc, ScpdError):

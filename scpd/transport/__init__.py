@@ -7,7 +7,7 @@ import shlex
 import paramiko
 
 from scpd.config import Target
-from scpd.errors import RemotePathError, classify, classify_remote_message
+from scpd.errors import RemotePathError, classify, classify_remote_message, classify_sftp
 from scpd.transport.base import Uploader
 from scpd.transport.scp import ScpUploader
 from scpd.transport.sftp import SftpUploader
@@ -43,11 +43,8 @@ def probe(target: Target, credentials: Credentials, remote_dirs: list[str]) -> l
                     with sftp.open(probe_path, "wb") as f:
                         f.write(b"")
                     sftp.remove(probe_path)
-                except (EOFError, paramiko.SSHException, ConnectionError, TimeoutError) as exc:
-                    raise classify(exc) from None
-                except OSError as exc:
-                    raise RemotePathError(f"{directory} is not writable over sftp:"
-                                          f" {exc.strerror or exc}") from None
+                except (OSError, EOFError, paramiko.SSHException) as exc:
+                    raise classify_sftp(exc, directory) from None
                 checked.append(f"{directory} writable over sftp")
             return checked
         for directory in remote_dirs:

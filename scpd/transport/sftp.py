@@ -19,6 +19,7 @@ from scpd.errors import (
     ScpdError,
     TransferInterrupted,
     classify,
+    classify_sftp,
 )
 from scpd.fileversion import FileVersion
 from scpd.transport.base import LocalFile, Uploader, temp_name
@@ -63,12 +64,7 @@ class SftpUploader(Uploader):
                 raise classify(exc) from None
             except OSError as exc:
                 self._remove_quietly(sftp, tmp)
-                if exc.errno is None:
-                    # OpenSSH's generic SSH_FX_FAILURE, which is also how a full disk shows
-                    # over SFTPv3: retry rather than give the file up.
-                    raise TransferInterrupted(f"remote: {exc} while writing {os.fsdecode(tmp)}"
-                                              ) from None
-                raise RemotePathError(f"remote: {exc.strerror or exc} ({remote_path})") from None
+                raise classify_sftp(exc, remote_path) from None
 
     def client(self) -> paramiko.SFTPClient:
         transport = self.connection.transport()

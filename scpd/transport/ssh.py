@@ -11,7 +11,14 @@ from pathlib import Path
 import paramiko
 
 from scpd.config import Target
-from scpd.errors import ConfigError, ConnectError, HostKeyError, RetryableError, classify
+from scpd.errors import (
+    ConfigError,
+    ConnectError,
+    HostKeyError,
+    RetryableError,
+    classify,
+    classify_connect,
+)
 
 log = logging.getLogger("scpd.transport")
 
@@ -112,19 +119,10 @@ def _open_socket(target: Target) -> socket.socket:
         sock = socket.create_connection((target.host, target.port),
                                         timeout=target.connect_timeout_seconds)
     except OSError as exc:
-        raise classify_connect(exc, target) from None
+        raise classify_connect(exc, f"{target.host}:{target.port}") from None
     # paramiko leaves Nagle on: each round trip then waits ~40 ms for a delayed ACK.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
-
-
-def classify_connect(exc: OSError, target: Target) -> ConnectError:
-    where = f"{target.host}:{target.port}"
-    if isinstance(exc, socket.gaierror):
-        return ConnectError(f"cannot resolve {target.host}: {exc.strerror}")
-    if isinstance(exc, TimeoutError):
-        return ConnectError(f"connection to {where} timed out")
-    return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}")
 
 
 class SshConnection:
