@@ -46,6 +46,7 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.flags = _Flags()
         self._workers_ended = True
+        self._rate_sample = (time.monotonic(), 0)  # (when, pool.bytes_sent) for the rate
 
     # -- the two ways to run ------------------------------------------------------------------
 
@@ -167,6 +168,7 @@ class Daemon:
         self.config, self.credentials = new_config, credentials
         self.settler = Settler()
         self.pool = Pool(new_config, self.store, credentials, self._renote)
+        self._rate_sample = (time.monotonic(), 0)
         self._start_watching()
         self.pool.start()
         log.info("config reloaded from %s (queue kept)", new_config.path)
@@ -197,8 +199,12 @@ class Daemon:
         counts = self.store.counts(self._watch_names())
         pending = sum(c[JobState.PENDING] for c in counts.values())
         failed = sum(c[JobState.FAILED] for c in counts.values())
+        now, sent = time.monotonic(), self.pool.bytes_sent
+        last_at, last_sent = self._rate_sample
+        rate = (sent - last_sent) / (now - last_at) if now > last_at else 0.0
+        self._rate_sample = (now, sent)
         line = (f"watching {len(self.config.watches)} dir(s); {pending} queued, "
-                f"{self.pool.busy_count()} sending, {self.pool.bytes_sent} bytes sent")
+                f"{self.pool.busy_count()} sending, {rate / 1e6:.1f} MB/s")
         return line + (f", {failed} failed" if failed else "")
 
     def _is_healthy(self) -> bool:

@@ -8,6 +8,7 @@ comes from the daemon's main process.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -128,7 +129,9 @@ def test_daemon_sends_ready_with_status_then_watchdog_pings(
         later = listener.collect(2.2)
 
     assert status.received_at - ready.received_at <= 1.0
-    assert status.fields["STATUS"]
+    # DESIGN 5: the status line says what is queued, what is sending, and the rate.
+    assert re.fullmatch(r"watching 1 dir\(s\); \d+ queued, \d+ sending, [\d.]+ MB/s",
+                        status.fields["STATUS"]), status.fields["STATUS"]
     pings = [n for n in later if has("WATCHDOG", "1")(n)]
     assert len(pings) >= 2, [n.fields for n in later]
     assert_all_from(daemon, listener)
