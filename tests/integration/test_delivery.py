@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -297,3 +298,47 @@ def test_accept_new_with_an_unwritable_known_hosts_fails_with_the_reason(
     assert result.returncode == 1, result.stderr
     assert "cannot record the new host key" in result.stderr
     assert not (remote_dir / "a.txt").exists()
+
+
+def test_sighup_reloads_the_config_and_keeps_the_queue(setup: Setup, tmp_path: Path):
+    daemon = setup.start_daemon()
+    try:
+        assert daemon.wait_for_log("scpd ready", 10), daemon.log()
+        second = tmp_path / "second-outbox"
+        second.mkdir()
+        setup.config.write_text(setup.config.read_text() + f"""
+[[watch]]
+name = "second"
+path = "{second}"
+targets = ["local"]
+settle = "300ms"
+""")
+        daemon.process.send_signal(signal.SIGHUP)
+        assert daemon.wait_for_log("config reloaded", 10), daemon.log()
+        local = make_file(second / "new.txt", 100)
+        remote = setup.remote_dir / "new.txt"
+        deadline = time.monotonic() + 10
+        while not remote.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_landed(local, remote)
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_sighup_with_a_broken_config_keeps_the_running_one(setup: Setup):
+    daemon = setup.start_daemon()
+    try:
+        assert daemon.wait_for_log("scpd ready", 10), daemon.log()
+        good = setup.config.read_text()
+        setup.config.write_text(good.replace("port = ", 'port = "x"\n#'))
+        daemon.process.send_signal(signal.SIGHUP)
+        assert daemon.wait_for_log("reload failed, keeping the running config", 10)
+        assert "targets.local.port" in daemon.log()
+        local = make_file(setup.watch_dir / "still.txt", 100)
+        remote = setup.remote_dir / "still.txt"
+        deadline = time.monotonic() + 10
+        while not remote.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert_landed(local, remote)
+    finally:
+        assert daemon.stop() == 0, daemon.log()
