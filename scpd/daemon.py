@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from scpd import config as config_module
 from scpd import logs, sdnotify
 from scpd.config import Config, Watch
+from scpd.errors import ScpdError
 from scpd.pool import Pool
 from scpd.settle import Settler
 from scpd.store import JobState, Store, lock_state_dir
@@ -145,8 +147,14 @@ class Daemon:
 
     def _start_watching(self) -> None:
         # Watch first, then scan: a file written in between is seen by one or the other.
-        self.watcher = Watcher(self.config.watches, self._note, self.settler.forget)
-        self.watcher.start()
+        try:
+            self.watcher = Watcher(self.config.watches, self._note, self.settler.forget)
+            self.watcher.start()
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            hint = " (raise fs.inotify.max_user_watches or max_user_instances)" if exc.errno in (
+                errno.ENOSPC, errno.EMFILE) else ""
+            raise ScpdError(f"cannot watch{where}: {exc.strerror or exc}{hint}") from None
         self._scan_all()
 
     def _reload(self) -> None:

@@ -160,3 +160,24 @@ def test_unusable_state_dir_is_a_config_error(setup: Setup, tmp_path: Path, comm
 
     assert result.returncode == 78
     assert_one_line_errors(result.stderr, "daemon.state_dir: cannot use")
+
+
+def test_no_inotify_left_is_one_clear_line_not_a_traceback(setup: Setup):
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing")
+    # The inotify limits are per user namespace: set this one's to zero, not the machine's.
+    script = ('echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"')
+    result = subprocess.run(
+        ["unshare", "-U", "-r", "sh", "-c", script, "sh", sys.executable, "-m", "scpd", "run",
+         "-c", str(setup.config)], capture_output=True, text=True, timeout=30, check=False)
+    if "unshare failed" in result.stderr or "Permission denied" in result.stderr:
+        pytest.skip(f"user namespaces are not permitted here: {result.stderr.strip()}")
+
+    assert result.returncode == 75, result.stderr
+    assert_one_line_errors(result.stderr.splitlines()[-1], "cannot watch", "inotify",
+                           "max_user_watches")
+    assert "Traceback" not in result.stderr
