@@ -79,6 +79,21 @@ class DaemonProcess:
         return self.process.returncode
 
 
+def require_private_mount_namespace() -> None:
+    """Skip the calling test where a private mount namespace cannot be made (not root, no
+    unshare, or a chroot whose / is not a mount point)."""
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a private mount namespace (unshare -m) needs CAP_SYS_ADMIN")
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing")
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
+                           capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+
+
 def run_scpd(*args: str, timeout: float = 60, env: dict | None = None
              ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "scpd", *args], capture_output=True,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import require_private_mount_namespace, write_config
 
 from tools.faultproxy import FaultProxy
 from tools.sshd import ThrowawaySshd
@@ -373,16 +373,7 @@ def test_stall_inside_the_exec_request_is_cut_and_the_file_still_lands(
 def full_disk_sshd(tmp_path: Path):
     """An sshd of its own whose remote directory is a 1 MiB tmpfs, mounted in a private mount
     namespace so that the machine never sees it (it vanishes with the sshd)."""
-    if os.geteuid() != 0:
-        pytest.skip("a tmpfs for the full remote disk needs root (mount namespace)")
-    import shutil
-    import subprocess
-
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is missing")
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"mount namespaces are not permitted here: {probe.stderr.decode().strip()}")
+    require_private_mount_namespace()
     small = tmp_path / "small"
     small.mkdir()
     mount_then_exec = f'mount -t tmpfs -o size=1m scpd-full {small} && exec "$@"'
@@ -419,6 +410,7 @@ def test_full_remote_disk_is_retried_and_never_reported_delivered(
     assert "No space left on device" in result.stderr or "Failure" in result.stderr
     assert "sent big.bin" not in result.stderr
     remote_names = in_sshd_namespace(server, "ls", "-a", str(small / "in")).split()
+    assert "small.bin" in remote_names, "the remote view is empty: nsenter failed?"
     assert "big.bin" not in remote_names, "a partial file is under its final name"
     assert not [n for n in remote_names if n.endswith(".scpd-part")]
     local_status = s.scpd("status", "--json").stdout
