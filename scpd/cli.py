@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _say(str(exc))
         return EX_CONFIG
+    except UsageError as exc:
+        _say(str(exc))
+        return EX_USAGE
     except ScpdError as exc:
         _say(str(exc))
         return EX_TEMPFAIL
@@ -190,7 +193,7 @@ def _retry(args: argparse.Namespace) -> int:
     if args.target and args.target not in cfg.targets:
         _say(f'unknown target "{args.target}" (defined: {", ".join(sorted(cfg.targets))})')
         return EX_USAGE
-    rel_paths = [_watch_relative(cfg, p) for p in args.paths]
+    rel_paths = [pair for p in args.paths for pair in _watch_relative(cfg, p)]
     store = _open_store(cfg)
     try:
         n = store.retry_failed(target=args.target, rel_paths=rel_paths)
@@ -200,15 +203,21 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch_relative(cfg: config.Config, path: str) -> tuple[str, str]:
-    """(watch name, relative path) for a path given on the command line."""
+def _watch_relative(cfg: config.Config, path: str) -> list[tuple[str, str]]:
+    """Every (watch name, relative path) naming a path given on the command line: a file
+    under overlapping watches has a job in each."""
     from pathlib import Path
 
     absolute = Path(path).absolute()
-    for watch in cfg.watches:
-        if absolute.is_relative_to(watch.path):
-            return watch.name, str(absolute.relative_to(watch.path))
-    raise ScpdError(f"{path} is not under any watched directory")
+    pairs = [(w.name, str(absolute.relative_to(w.path))) for w in cfg.watches
+             if absolute.is_relative_to(w.path)]
+    if not pairs:
+        raise UsageError(f"{path} is not under any watched directory")
+    return pairs
+
+
+class UsageError(ScpdError):
+    """A command line that cannot be acted on: exit 64."""
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -224,6 +224,7 @@ class _Reader:
             self.fail("watch", "no [[watch]] defined: scpd has nothing to do")
         watches = tuple(self.watch(i, w, targets) for i, w in enumerate(watches_raw))
         self.check_unique_watch_names(watches)
+        self.check_overlaps(watches)
         return Config(path=path, state_dir=state_dir, targets=targets, watches=watches,
                       rate_bytes_per_second=rate)
 
@@ -267,10 +268,15 @@ class _Reader:
             give_up_after_seconds=self.parsed(t, "give_up_after", kp, _give_up_duration))
         if retry.max_seconds < retry.initial_seconds:
             self.fail(f"{kp}.retry_max", "must not be shorter than retry_initial")
+        host = self.get(t, "host", kp, str, "", required=True)
+        user = self.get(t, "user", kp, str, "", required=True)
+        for key, value in (("host", host), ("user", user)):
+            if isinstance(t.get(key), str) and not value.strip():
+                self.fail(f"{kp}.{key}", "must not be empty")
         return Target(
             name=name,
-            host=self.get(t, "host", kp, str, "", required=True),
-            user=self.get(t, "user", kp, str, "", required=True),
+            host=host,
+            user=user,
             known_hosts=known_hosts or Path(),
             remote_dir=remote_dir,
             port=port,
@@ -341,6 +347,19 @@ class _Reader:
             if w.name in seen:
                 self.fail(f"watch.{w.name}.name", "defined twice (watch names must be unique)")
             seen.add(w.name)
+
+    def check_overlaps(self, watches: tuple[Watch, ...]) -> None:
+        """A file under two watches is owed to both: neither may delete or move it alone."""
+        for w in watches:
+            if w.on_success == "keep":
+                continue
+            for other in watches:
+                if other is not w and (w.path.is_relative_to(other.path)
+                                       or other.path.is_relative_to(w.path)):
+                    self.fail(f"watch.{w.name}.on_success",
+                              f'"{w.on_success}" cannot be used: its path overlaps watch'
+                              f' "{other.name}", which also owes those files')
+                    break
 
     def check_placeholders(self, key_path: str, template: str) -> None:
         try:

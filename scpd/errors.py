@@ -162,7 +162,7 @@ def classify(exc: BaseException) -> ScpdError:
     if isinstance(exc, TimeoutError | socket.timeout):
         return TransferInterrupted("timed out waiting for the remote")
     if isinstance(exc, EOFError | paramiko.SSHException | ConnectionError):
-        return TransferInterrupted(f"connection lost: {exc or type(exc).__name__}")
+        return TransferInterrupted(f"connection lost: {str(exc) or type(exc).__name__}")
     if isinstance(exc, OSError):
         return TransferInterrupted(f"network error: {exc}")
     raise exc

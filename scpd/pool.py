@@ -134,7 +134,7 @@ class Pool:
         while self.busy_count() and time.monotonic() < deadline and not should_abort():
             time.sleep(0.05)
         for worker in self._workers:
-            worker.uploader.close()
+            worker.uploader.retire()
         deadline = time.monotonic() + 3.0
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
@@ -217,14 +217,21 @@ class _Worker(threading.Thread):
                 continue
             self.uploader.progress_at = time.monotonic()
             self.job = job
+            if self.pool.is_stopping:  # stop() began after the claim: leave it for next time
+                store.release(job)
+                self.job = None
+                break
+            delivered = None
             try:
-                self._deliver(job)
+                delivered = self._deliver(job)
             except Exception:
                 # A bug must not kill the worker or lose the job: log it and retry later.
                 log.exception("internal error delivering %s; will retry", job.rel_path)
                 store.mark_retry(job, "internal error", time.time() + self.target.retry.max_seconds)
             finally:
                 self.job = None
+            if delivered is not None:  # not a transfer: the stall guard does not watch it
+                self.pool.after_delivery(job.watch, job.rel_path, delivered)
 
     def _idle_seconds(self) -> float:
         due = self.pool.store.next_due_at(self.target.name, self.pool.watch_names)
@@ -232,7 +239,8 @@ class _Worker(threading.Thread):
             return _IDLE_WAIT_SECONDS
         return min(_IDLE_WAIT_SECONDS, max(0.01, due - time.time()))
 
-    def _deliver(self, job: Job) -> None:
+    def _deliver(self, job: Job) -> FileVersion | None:
+        """Send the job's file; the version now delivered to this target, else None."""
         pool, target = self.pool, self.target
         watch = pool.config.watch(job.watch)
         local = watch.path / job.rel_path
@@ -244,7 +252,7 @@ class _Worker(threading.Thread):
             sent = self.uploader.upload(local, remote, expected=job.version)
         except ScpdError as error:
             self._record_failure(job, error, local, fields)
-            return
+            return None
         duration_ms = int((time.monotonic() - started) * 1000)
         pool.target_up(target)
         pool.count_bytes(sent.size)
@@ -252,8 +260,7 @@ class _Worker(threading.Thread):
         logs.event(logging.INFO, "sent", "sent %s to %s:%s (%s in %d ms)", job.rel_path,
                    target.name, remote, _human_bytes(sent.size), duration_ms,
                    bytes=sent.size, duration_ms=duration_ms, **fields)
-        if is_done:
-            pool.after_delivery(job.watch, job.rel_path, sent)
+        return sent if is_done else None
 
     def _record_failure(self, job: Job, error: ScpdError, local: Path, fields: dict) -> None:
         store, target = self.pool.store, self.target

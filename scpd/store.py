@@ -55,6 +55,16 @@ MIGRATIONS = [
 ]
 
 
+def _DELIVERED_IS(prefix: str = "") -> str:  # noqa: N802 -- reads as SQL
+    """SQL: the delivered version equals the queued one (given by column prefix)."""
+    return (f"delivered_size IS {prefix}size AND delivered_mtime_ns IS {prefix}mtime_ns")
+
+
+# SQL: where a job goes when the outcome of an attempt concerned an older queued version:
+# nothing owed if the remote already has the version now queued, else due at once.
+_SETTLED = f"CASE WHEN {_DELIVERED_IS()} THEN 'delivered' ELSE 'pending' END"
+
+
 class JobState(enum.StrEnum):
     PENDING = "pending"
     SENDING = "sending"
@@ -129,25 +139,28 @@ class Store:
         """Queue this version unless it is already delivered or already queued. True if queued."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            cursor = db.execute(
-                """
+            row = db.execute(
+                f"""
                 INSERT INTO jobs (watch, target, rel_path, state, size, mtime_ns, inode,
                                   queued_at)
                 VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)
                 ON CONFLICT (watch, target, rel_path) DO UPDATE SET
                     size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode,
                     generation = generation + 1,
-                    state = CASE state WHEN 'sending' THEN 'sending' ELSE 'pending' END,
+                    -- Back to a version the remote already has (a restore): nothing owed.
+                    state = CASE WHEN state = 'sending' THEN 'sending'
+                                 WHEN {_DELIVERED_IS("excluded.")} THEN 'delivered'
+                                 ELSE 'pending' END,
                     attempts = 0, first_failure_at = NULL, next_attempt_at = 0,
-                    queued_at = excluded.queued_at
-                WHERE NOT (delivered_size IS excluded.size
-                           AND delivered_mtime_ns IS excluded.mtime_ns)
-                  AND NOT (size = excluded.size AND mtime_ns = excluded.mtime_ns
-                           AND state != 'delivered')
+                    last_error = NULL, queued_at = excluded.queued_at
+                WHERE NOT (state = 'delivered' AND {_DELIVERED_IS("excluded.")})
+                  AND NOT (state != 'delivered' AND size = excluded.size
+                           AND mtime_ns = excluded.mtime_ns)
+                RETURNING state
                 """,
                 (watch, target, os.fsencode(rel_path), version.size, version.mtime_ns,
-                 version.inode, now))
-            return cursor.rowcount > 0
+                 version.inode, now)).fetchone()
+            return row is not None and row[0] != JobState.DELIVERED
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -164,7 +177,7 @@ class Store:
                 FROM jobs WHERE target = ? AND state = 'pending' AND next_attempt_at <= ?
                   AND watch IN ({_placeholders(watches)})
                 ORDER BY next_attempt_at, id LIMIT 1
-                """,  # noqa: S608 -- only placeholders are formatted in
+                """,
                 (target, now, *watches)).fetchone()
             if row is None:
                 return None
@@ -198,19 +211,21 @@ class Store:
         now = time.time() if now is None else now
         with self._transaction() as db:
             db.execute(
-                """
-                UPDATE jobs SET state = 'pending', attempts = attempts + 1,
-                    first_failure_at = COALESCE(first_failure_at, ?),
-                    next_attempt_at = ?, last_error = ?, last_error_at = ?
+                f"""
+                UPDATE jobs SET state = CASE generation WHEN ? THEN 'pending' ELSE {_SETTLED} END,
+                    attempts = attempts + 1, first_failure_at = COALESCE(first_failure_at, ?),
+                    next_attempt_at = CASE generation WHEN ? THEN ? ELSE 0 END,
+                    last_error = ?, last_error_at = ?
                 WHERE id = ?
-                """, (now, next_attempt_at, error, now, job.id))
+                """,
+                (job.generation, now, job.generation, next_attempt_at, error, now, job.id))
 
     def mark_failed(self, job: Job, error: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._transaction() as db:
             db.execute(
-                """
-                UPDATE jobs SET state = CASE generation WHEN ? THEN 'failed' ELSE 'pending' END,
+                f"""
+                UPDATE jobs SET state = CASE generation WHEN ? THEN 'failed' ELSE {_SETTLED} END,
                     attempts = attempts + 1, last_error = ?, last_error_at = ?
                 WHERE id = ?
                 """, (job.generation, error, now, job.id))
@@ -218,13 +233,18 @@ class Store:
     def defer(self, job: Job, until: float) -> None:
         """Not now, and not a failure (the file is still changing): pending again at `until`."""
         with self._transaction() as db:
-            db.execute("UPDATE jobs SET state = 'pending', next_attempt_at = ? WHERE id = ?",
-                       (until, job.id))
+            db.execute(
+                f"""
+                UPDATE jobs SET state = CASE generation WHEN ? THEN 'pending' ELSE {_SETTLED} END,
+                    next_attempt_at = CASE generation WHEN ? THEN ? ELSE 0 END
+                WHERE id = ?
+                """,
+                (job.generation, job.generation, until, job.id))
 
     def release(self, job: Job) -> None:
-        """Back to pending at once, untouched (e.g. the daemon is stopping)."""
+        """Back to the queue at once, untouched (e.g. the daemon is stopping)."""
         with self._transaction() as db:
-            db.execute("UPDATE jobs SET state = 'pending' WHERE id = ? AND state = 'sending'",
+            db.execute(f"UPDATE jobs SET state = {_SETTLED} WHERE id = ? AND state = 'sending'",
                        (job.id,))
 
     def drop(self, job: Job) -> None:
@@ -232,7 +252,7 @@ class Store:
         with self._transaction() as db:
             db.execute("DELETE FROM jobs WHERE id = ? AND generation = ?",
                        (job.id, job.generation))
-            db.execute("UPDATE jobs SET state = 'pending' WHERE id = ? AND state = 'sending'",
+            db.execute(f"UPDATE jobs SET state = {_SETTLED} WHERE id = ? AND state = 'sending'",
                        (job.id,))
 
     # -- start-up and reporting --------------------------------------------------------------
@@ -254,7 +274,7 @@ class Store:
                 f"""
                 SELECT MIN(next_attempt_at) FROM jobs
                 WHERE target = ? AND state = 'pending' AND watch IN ({_placeholders(watches)})
-                """,  # noqa: S608 -- only placeholders are formatted in
+                """,
                 (target, *watches)).fetchone()
         return row[0]
 
@@ -265,7 +285,7 @@ class Store:
                 f"""
                 SELECT target, state, COUNT(*) FROM jobs
                 WHERE watch IN ({_placeholders(watches)}) GROUP BY target, state
-                """,  # noqa: S608 -- only placeholders are formatted in
+                """,
                 watches).fetchall()
         result: dict[str, dict[str, int]] = {}
         for target, state, n in rows:
@@ -289,7 +309,7 @@ class Store:
                   COALESCE(SUM(CASE state WHEN 'delivered' THEN delivered_size END), 0),
                   MIN(CASE WHEN state IN ('pending', 'sending') THEN queued_at END)
                 FROM jobs WHERE watch IN ({_placeholders(watches)}) GROUP BY target
-                """,  # noqa: S608 -- only placeholders are formatted in
+                """,
                 watches).fetchall()
             # SQLite takes bare columns from the row holding the MAX(): the latest error.
             errors = {target: (message, at) for target, message, at in self._db.execute(
@@ -297,7 +317,7 @@ class Store:
                 SELECT target, last_error, MAX(last_error_at) FROM jobs
                 WHERE last_error IS NOT NULL AND watch IN ({_placeholders(watches)})
                 GROUP BY target
-                """, watches)}  # noqa: S608 -- only placeholders are formatted in
+                """, watches)}
         result = {}
         for target, pending, sending, failed, delivered, nbytes, oldest in rows:
             summary = self.empty_summary()
@@ -337,7 +357,7 @@ class Store:
                 SELECT COUNT(*) FROM jobs WHERE watch = ? AND rel_path = ? AND state = 'delivered'
                   AND delivered_size = ? AND delivered_mtime_ns = ?
                   AND target IN ({_placeholders(targets)})
-                """,  # noqa: S608 -- only placeholders are formatted in
+                """,
                 (watch, os.fsencode(rel_path), version.size, version.mtime_ns, *targets)
             ).fetchone()[0]
         return n == len(targets)

@@ -27,6 +27,7 @@ from types import TracebackType
 
 _POLL_SECONDS = 0.1  # how often a blocked thread looks at the stop flag
 _CHUNK_BYTES = 64 * 1024
+_SLOW_RCVBUF_BYTES = 16 * 1024
 _CONNECT_TIMEOUT_SECONDS = 5.0
 _SEND_STALL_LIMIT_SECONDS = 30.0  # a peer that takes nothing for this long is dropped
 _JOIN_TIMEOUT_SECONDS = 2.0
@@ -35,8 +36,11 @@ _STALL_LIMIT_SECONDS = 300.0  # a stalled connection is dropped after this even 
 
 class FaultProxy:
     def __init__(self, target_port: int, *, cut_after_bytes: int | None = None,
-                 stall_after_bytes: int | None = None, rst: bool = False) -> None:
+                 stall_after_bytes: int | None = None, rst: bool = False,
+                 rate_bytes_per_second: float | None = None) -> None:
+        """rate_bytes_per_second: a slow link, client to server (every connection)."""
         self.target = ("127.0.0.1", target_port)  # loopback only, on both sides
+        self.rate_bytes_per_second = rate_bytes_per_second
         self.cut_after_bytes = cut_after_bytes
         self.stall_after_bytes = stall_after_bytes
         self.rst = rst
@@ -51,6 +55,11 @@ class FaultProxy:
         self._links: list[_Link] = []
         self._threads: list[threading.Thread] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
+        if rate_bytes_per_second:
+            # A small receive buffer, inherited by accepted sockets: what the slow link has
+            # not carried yet stays unacknowledged in the client's send queue, as on a real
+            # slow link, instead of vanishing into this proxy's kernel buffer.
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SLOW_RCVBUF_BYTES)
         self._listener.settimeout(_POLL_SECONDS)
         self.port: int = self._listener.getsockname()[1]
         self._accept_thread = self._spawn(self._accept_loop, "faultproxy-accept")
@@ -126,6 +135,7 @@ class FaultProxy:
 
     def _pump(self, link: _Link, is_upstream: bool) -> None:
         src, dst = (link.client, link.server) if is_upstream else (link.server, link.client)
+        paced_bytes, started = 0, time.monotonic()
         try:
             while not self._stopping.is_set() and not link.is_stalled:
                 try:
@@ -137,6 +147,12 @@ class FaultProxy:
                     return
                 if is_upstream:
                     data, fault = self._take_upstream(link, data)
+                    if self.rate_bytes_per_second:
+                        paced_bytes += len(data)
+                        ahead = paced_bytes / self.rate_bytes_per_second - (
+                            time.monotonic() - started)
+                        if ahead > 0 and self._stopping.wait(ahead):
+                            return
                     if data:
                         self._send_all(dst, data)
                     if fault == "cut":

@@ -7,11 +7,11 @@ import shlex
 import paramiko
 
 from scpd.config import Target
-from scpd.errors import RemotePathError, classify, classify_remote_message, classify_sftp
+from scpd.errors import classify_remote_message, classify_sftp
 from scpd.transport.base import Uploader
 from scpd.transport.scp import ScpUploader
 from scpd.transport.sftp import SftpUploader
-from scpd.transport.ssh import Credentials, SshConnection, load_credentials
+from scpd.transport.ssh import Credentials, SshConnection, load_credentials, run_remote
 from scpd.transport.throttle import Throttle, TokenBucket
 
 __all__ = ["Credentials", "Throttle", "TokenBucket", "Uploader", "load_credentials",
@@ -62,20 +62,3 @@ def probe_script(directory: str) -> str:
     return (f"mkdir -p -- {q} && test -w {q} || {{ printf '%s: Permission denied\\n' {q} >&2;"
             " exit 1; }; command -v scp >/dev/null || { echo 'scp: command not found' >&2;"
             " exit 127; }")
-
-
-def run_remote(transport: paramiko.Transport, target: Target, command: str) -> tuple[int, str]:
-    """Run one short command; (exit status, stderr and stdout text)."""
-    try:
-        channel = transport.open_session(timeout=target.connect_timeout_seconds)
-        channel.settimeout(target.io_timeout_seconds)
-        channel.exec_command(command)
-        output = channel.makefile_stderr("rb").read() + channel.makefile("rb").read()
-        status = channel.recv_exit_status()
-        channel.close()
-    except (OSError, EOFError, paramiko.SSHException) as exc:
-        raise classify(exc) from None
-    text = output.decode("utf-8", "replace").strip()
-    if "sftp connections only" in text:
-        raise RemotePathError(f"{text} (set protocol = \"sftp\")")
-    return status, text

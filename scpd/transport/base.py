@@ -33,7 +33,12 @@ class Uploader(ABC):
         """expected: send only this version (size, mtime) of the file."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Drop the connection; the next upload opens a new one."""
+
+    @abstractmethod
+    def retire(self) -> None:
+        """Drop the connection for good: a later upload fails instead of reconnecting."""
 
 
 def temp_name(final_name: str, *, is_per_attempt: bool) -> str:

@@ -1,10 +1,15 @@
 """The SCP source side, written for scpd over a paramiko exec channel.
 
-One remote command per file, so a single exit status covers every step:
+One remote command per file, its exit status checked:
 
-    { mkdir -p -- DIR && scp -p -t -- TMP && mv -f -- TMP FINAL; } || { rm -f -- TMP; exit 1; }
+    { mkdir -p -- DIR && scp -p -t -- TMP && read -r go && [ "$go" = publish ] &&
+      mv -f -- TMP FINAL; } || { rm -f -- TMP; exit 1; }
 
-(with a guard that refuses to mv onto a directory named FINAL).
+(with a guard that refuses to mv onto a directory named FINAL). Once this client has seen
+the whole file acknowledged it ends the scp with an `E` record (the sink reads its input a
+byte at a time, so nothing more is consumed) and sends `publish`. A session that the network
+cut, but that is still alive on the remote, reads end of input instead: it removes its temp
+file and never renames (it could put an old version over the newer one its retry delivered).
 
 Every remote path is shell-quoted (file names are data, never shell), exactly the announced
 number of bytes is sent, and a file that changed while it was read is aborted with a fatal
@@ -34,6 +39,7 @@ from scpd.transport.ssh import SshConnection
 from scpd.transport.throttle import Throttle
 
 _CHUNK_BYTES = 256 * 1024  # 16 KiB to 256 KiB measured equal; larger costs paramiko copies
+_SLICE_BYTES = 32704  # the payload of one packet under OpenSSH's 32 KiB maximum
 
 
 class ScpUploader(Uploader):
@@ -44,6 +50,9 @@ class ScpUploader(Uploader):
 
     def close(self) -> None:
         self.connection.close()
+
+    def retire(self) -> None:
+        self.connection.retire()
 
     def upload(self, local_path: str | os.PathLike[str], remote_path: str,
                expected: FileVersion | None = None) -> FileVersion:
@@ -63,11 +72,11 @@ class ScpUploader(Uploader):
         final = remote_path
         tmp = posixpath.join(posixpath.dirname(final),
                              temp_name(posixpath.basename(final), is_per_attempt=True))
-        channel = self.connection.transport().open_session(
-            timeout=target.connect_timeout_seconds)
+        transport = self.connection.transport()
+        channel = transport.open_session(timeout=target.connect_timeout_seconds)
         try:
             channel.settimeout(target.io_timeout_seconds)
-            channel.exec_command(os.fsencode(self._command(final, tmp)))
+            channel.exec_command(os.fsencode(self._receive_command(final, tmp)))
             self._expect_ack(channel)
             version = local.version
             if target.preserve_times:
@@ -84,8 +93,11 @@ class ScpUploader(Uploader):
                 self._wait_exit(channel)
                 raise FileChangedError(f"{local.path} changed while it was sent")
             channel.sendall(b"\x00")
+            self._expect_ack(channel, is_last=True)
+            channel.sendall(b"E\n")  # ends the remote scp, which acknowledges and exits 0
             self._expect_ack(channel)
-            channel.shutdown_write()  # EOF ends the remote scp; then mv runs
+            channel.sendall(b"publish\n")
+            channel.shutdown_write()
             status, stderr = self._wait_exit(channel)
             if status != 0:
                 raise _remote_failure(status, stderr)
@@ -93,25 +105,29 @@ class ScpUploader(Uploader):
         finally:
             channel.close()
 
-    def _command(self, final: str, tmp: str) -> str:
+    def _receive_command(self, final: str, tmp: str) -> str:
         q = shlex.quote
         flags = "-p " if (self.target.preserve_times or self.target.preserve_mode) else ""
         directory = posixpath.dirname(final) or "."
         # mv onto an existing directory would move the file inside it: refuse that instead.
         publish = (f"if [ -d {q(final)} ]; then printf 'scpd: %s: Is a directory\\n' {q(final)}"
                    f" >&2; false; else mv -f -- {q(tmp)} {q(final)}; fi")
-        return (f"{{ mkdir -p -- {q(directory)} && scp {flags}-t -- {q(tmp)} && {publish}; }}"
+        return (f"{{ mkdir -p -- {q(directory)} && scp {flags}-t -- {q(tmp)} &&"
+                f' IFS= read -r go && [ "$go" = publish ] && {publish}; }}'
                 f" || {{ rm -f -- {q(tmp)}; exit 1; }}")
 
     def _send_data(self, channel: paramiko.Channel, local: LocalFile) -> None:
         chunk = self.throttle.chunk_bytes(_CHUNK_BYTES)
         for data in local.read_chunks(chunk):
             self.throttle.take(len(data))
-            channel.sendall(data)
-            self.progress_at = time.monotonic()
+            view = memoryview(data)
+            # Slices of one SSH packet's payload: each return is a sign of life on slow links.
+            for start in range(0, len(view), _SLICE_BYTES):
+                channel.sendall(view[start:start + _SLICE_BYTES])
+                self.progress_at = time.monotonic()
 
-    def _expect_ack(self, channel: paramiko.Channel) -> None:
-        code = channel.recv(1)
+    def _expect_ack(self, channel: paramiko.Channel, *, is_last: bool = False) -> None:
+        code = self._recv_last_ack(channel) if is_last else channel.recv(1)
         self.progress_at = time.monotonic()
         if code == b"\x00":
             return
@@ -124,6 +140,27 @@ class ScpUploader(Uploader):
         # Not the SCP protocol at all: e.g. "This service allows sftp connections only."
         raise RemotePathError(f"remote did not speak SCP: {(code.decode('latin-1') + message)!r}"
                               " (try protocol = \"sftp\")")
+
+    def _recv_last_ack(self, channel: paramiko.Channel) -> bytes:
+        """The ack of the whole file comes once the remote has read everything still in
+        flight, which on a slow link takes longer than io_timeout: wait as long as the
+        kernel's send queue keeps draining, and io_timeout past the moment it stops."""
+        channel.settimeout(1.0)
+        try:
+            unsent, still_since = self.connection.unsent_bytes(), time.monotonic()
+            while True:
+                try:
+                    return channel.recv(1)
+                except TimeoutError:
+                    now = time.monotonic()
+                    now_unsent = self.connection.unsent_bytes()
+                    if now_unsent is not None and unsent is not None and now_unsent < unsent:
+                        still_since = self.progress_at = now
+                    elif now - still_since > self.target.io_timeout_seconds:
+                        raise
+                    unsent = now_unsent
+        finally:
+            channel.settimeout(self.target.io_timeout_seconds)
 
     def _wait_exit(self, channel: paramiko.Channel) -> tuple[int | None, str]:
         if not channel.status_event.wait(self.target.io_timeout_seconds):

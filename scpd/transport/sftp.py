@@ -10,6 +10,7 @@ import os
 import posixpath
 import stat
 import time
+from collections.abc import Callable
 
 import paramiko
 
@@ -41,6 +42,10 @@ class SftpUploader(Uploader):
         self._sftp = None
         self.connection.close()
 
+    def retire(self) -> None:
+        self._sftp = None
+        self.connection.retire()
+
     def upload(self, local_path: str | os.PathLike[str], remote_path: str,
                expected: FileVersion | None = None) -> FileVersion:
         self.progress_at = time.monotonic()
@@ -63,12 +68,18 @@ class SftpUploader(Uploader):
                 self.close()  # a half-open connection would stall every retry again
                 raise classify(exc) from None
             except OSError as exc:
+                if sftp.get_channel().closed:  # "Socket is closed": the channel, not the file
+                    self._sftp = None
+                    raise TransferInterrupted(f"sftp channel closed: {exc}") from None
                 self._remove_quietly(sftp, tmp)
                 raise classify_sftp(exc, remote_path) from None
 
     def client(self) -> paramiko.SFTPClient:
         transport = self.connection.transport()
-        if self._sftp is None or self._sftp_transport is not transport:
+        sftp = self._sftp
+        # The sftp channel can close while the connection lives on (a server ChannelTimeout,
+        # an sftp-server that died): then open a new one.
+        if sftp is None or self._sftp_transport is not transport or sftp.get_channel().closed:
             try:
                 self._sftp = paramiko.SFTPClient.from_transport(transport)
             except (EOFError, paramiko.SSHException, OSError) as exc:
@@ -109,7 +120,7 @@ class SftpUploader(Uploader):
                 remote.write(data)
                 self.progress_at = time.monotonic()
             remote.flush()
-            _wait_for_write_replies(remote)
+            _wait_for_write_replies(remote, self._note_progress)
             mode = (local.stat.st_mode & 0o7777) if self.target.preserve_mode else 0o644
             remote.chmod(mode)
         if self.target.preserve_times:
@@ -120,6 +131,9 @@ class SftpUploader(Uploader):
                                       f" of {os.fsdecode(tmp)}")
         if local.has_changed():
             raise FileChangedError(f"{local.path} changed while it was sent")
+
+    def _note_progress(self) -> None:
+        self.progress_at = time.monotonic()
 
     def _rename(self, sftp: paramiko.SFTPClient, tmp: bytes, final: bytes) -> None:
         try:
@@ -138,7 +152,7 @@ class SftpUploader(Uploader):
 
 
 
-def _wait_for_write_replies(remote: paramiko.SFTPFile) -> None:
+def _wait_for_write_replies(remote: paramiko.SFTPFile, on_reply: Callable[[], None]) -> None:
     """Collect the status of every pipelined write, in order, raising on the first error.
 
     paramiko files pipelined write replies under no file object: a reply that arrives while
@@ -148,6 +162,7 @@ def _wait_for_write_replies(remote: paramiko.SFTPFile) -> None:
     pending = remote._reqs  # noqa: SLF001 -- paramiko has no public way to await writes
     while pending:
         remote.sftp._read_response(pending.popleft())  # noqa: SLF001 -- raises on error
+        on_reply()
 
 
 def _is_dir(sftp: paramiko.SFTPClient, path: bytes) -> bool:

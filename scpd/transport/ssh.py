@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import socket
+import struct
+import termios
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +18,9 @@ from scpd.errors import (
     ConfigError,
     ConnectError,
     HostKeyError,
+    RemotePathError,
     RetryableError,
+    TransferInterrupted,
     classify,
     classify_connect,
 )
@@ -37,8 +42,11 @@ class Credentials:
 
 
 def load_credentials(target: Target) -> Credentials:
-    """Load the key or password once, at start or reload: a bad key is a config error."""
+    """Load the key or password once, at start or reload: a bad key is a config error.
+    The known_hosts file is parsed here too, so that a broken one is refused at start."""
     key_path = f"targets.{target.name}"
+    if target.known_hosts.exists():
+        _host_keys_client(target).close()
     if target.identity_file is not None:
         try:
             return Credentials(pkey=paramiko.PKey.from_path(target.identity_file))
@@ -59,6 +67,9 @@ def load_credentials(target: Target) -> Credentials:
     except OSError as exc:
         raise ConfigError(f"{key_path}.password_file",
                           f"cannot read {target.password_file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key_path}.password_file",
+                          f"{target.password_file} is not UTF-8 text") from None
     return Credentials(password=password)
 
 
@@ -98,7 +109,8 @@ def _host_keys_client(target: Target) -> paramiko.SSHClient:
     if target.known_hosts.exists():
         try:
             client.load_host_keys(str(target.known_hosts))
-        except (OSError, paramiko.hostkeys.InvalidHostKey) as exc:
+        except (OSError, UnicodeDecodeError, ValueError, paramiko.SSHException,
+                paramiko.hostkeys.InvalidHostKey) as exc:
             raise ConfigError(f"targets.{target.name}.known_hosts",
                               f"cannot load {target.known_hosts}: {exc}") from None
     if target.host_key_policy == "accept-new":
@@ -133,17 +145,34 @@ class SshConnection:
         self.credentials = credentials
         self._client: paramiko.SSHClient | None = None
         self._sock: socket.socket | None = None  # so close() can cut a connect in progress
+        self._is_retired = False
 
     def transport(self) -> paramiko.Transport:
-        if self._client is not None:
-            active = self._client.get_transport()
+        if self._is_retired:
+            raise TransferInterrupted("scpd is stopping")
+        client = self._client  # once: another thread may close() meanwhile
+        if client is not None:
+            active = client.get_transport()
             if active is not None and active.is_active():
                 return active
             self.close()
-        self._client = self._connect()
-        transport = self._client.get_transport()
-        assert transport is not None
+        client = self._client = self._connect()
+        transport = client.get_transport()
+        if transport is None:
+            raise TransferInterrupted("connection closed while it was opened")
         return transport
+
+    def unsent_bytes(self) -> int | None:
+        """Bytes the kernel still holds for this connection (not yet acknowledged by the
+        peer): when it shrinks, a slow link is still moving."""
+        sock = self._sock
+        if sock is None:
+            return None
+        try:
+            buffer = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except (OSError, ValueError):
+            return None
+        return struct.unpack("i", buffer)[0]
 
     def _connect(self) -> paramiko.SSHClient:
         target = self.target
@@ -173,6 +202,11 @@ class SshConnection:
         active.set_keepalive(30)
         return client
 
+    def retire(self) -> None:
+        """Close for good: the daemon is stopping, and no later call may reconnect."""
+        self._is_retired = True
+        self.close()
+
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
@@ -180,3 +214,21 @@ class SshConnection:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+def run_remote(transport: paramiko.Transport, target: Target, command: str | bytes
+               ) -> tuple[int, str]:
+    """Run one short command; (exit status, its stderr and stdout as text)."""
+    try:
+        channel = transport.open_session(timeout=target.connect_timeout_seconds)
+        channel.settimeout(target.io_timeout_seconds)
+        channel.exec_command(command)
+        output = channel.makefile_stderr("rb").read() + channel.makefile("rb").read()
+        status = channel.recv_exit_status()
+        channel.close()
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        raise classify(exc) from None
+    text = output.decode("utf-8", "replace").strip()
+    if "sftp connections only" in text:
+        raise RemotePathError(f"{text} (set protocol = \"sftp\")")
+    return status, text

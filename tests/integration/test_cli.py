@@ -120,7 +120,7 @@ def test_second_daemon_on_the_same_state_dir_is_refused(setup: Setup):
         assert first.stop() == 0
 
 
-def test_status_json_counts_delivered_and_failed(setup: Setup):
+def test_status_json_counts_delivered_files_and_bytes(setup: Setup):
     (setup.watch_dir / "a.txt").write_text("a")
     assert setup.scpd("run", "--once").returncode == 0
 
@@ -181,3 +181,40 @@ def test_no_inotify_left_is_one_clear_line_not_a_traceback(setup: Setup):
     assert_one_line_errors(result.stderr.splitlines()[-1], "cannot watch", "inotify",
                            "max_user_watches")
     assert "Traceback" not in result.stderr
+
+
+def test_delete_on_success_with_overlapping_watches_is_refused(setup: Setup):
+    inner = setup.watch_dir / "reports"
+    inner.mkdir()
+    setup.config.write_text(setup.config.read_text().replace(
+        'settle = "300ms"', 'settle = "300ms"\non_success = "delete"', 1) + f"""
+[[watch]]
+name = "inner"
+path = "{inner}"
+targets = ["local"]
+""")
+
+    result = setup.scpd("check", "--offline")
+
+    assert result.returncode == 78
+    assert_one_line_errors(result.stderr, 'watch.outbox.on_success: "delete" cannot be used',
+                           'overlaps watch "inner"')
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe not text\n",
+                                     b"[127.0.0.1]:22 ssh-ed25519 AAAA!!notbase64\n"])
+def test_a_broken_known_hosts_is_a_config_error(setup: Setup, known_hosts: Path,
+                                               content: bytes):
+    known_hosts.write_bytes(content)
+
+    result = setup.scpd("check", "--offline")
+
+    assert result.returncode == 78, result.stderr
+    assert_one_line_errors(result.stderr, "targets.local.known_hosts: cannot load")
+
+
+def test_retry_of_a_path_outside_every_watch_is_a_usage_error(setup: Setup):
+    result = setup.scpd("retry", "/etc/passwd")
+
+    assert result.returncode == 64
+    assert_one_line_errors(result.stderr, "/etc/passwd is not under any watched directory")

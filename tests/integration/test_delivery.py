@@ -110,6 +110,10 @@ ODD_NAMES = [
 
 def test_odd_file_names_arrive_intact_and_are_never_shell(protocol_setup: Setup):
     s = protocol_setup
+    # A name run as shell would create "pwned" in the remote login's working directory: its
+    # home, as the test sshd logs in this same user.
+    pwned = Path.home() / "pwned"
+    assert not pwned.exists()
     files = [make_file(s.watch_dir / name, 64, mode=0o644) for name in ODD_NAMES]
 
     result = s.scpd("run", "--once")
@@ -118,8 +122,7 @@ def test_odd_file_names_arrive_intact_and_are_never_shell(protocol_setup: Setup)
     for local in files:
         assert_landed(local, s.remote_dir / local.name,
                       mtime_resolution_ns=s.mtime_resolution_ns)
-    assert not (s.remote_dir / "pwned").exists()
-    assert not Path("pwned").exists()
+    assert not pwned.exists()
     assert sorted(p.name for p in s.remote_dir.iterdir()) == sorted(ODD_NAMES)
 
 

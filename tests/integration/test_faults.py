@@ -122,7 +122,8 @@ def test_retry_survives_the_cut_session_ending_late_on_the_remote(
             assert wait_until(lambda: proxy.connections >= 2, 2.0), (
                 f"the retry did not reconnect: it went on over the stalled connection\n"
                 f"{run.log()}")
-            time.sleep(0.7)  # the retry is about a third of the way through (4 MiB at 2 MiB/s)
+            # The retry is well into the file (4 MiB at 2 MiB/s), and not yet done with it.
+            assert wait_until(lambda: proxy.upstream_bytes > 1_000_000 + 1_500_000, 10.0)
             assert proxy.end_stalled() == 1
             returncode = run.process.wait(30)
         finally:
@@ -336,12 +337,27 @@ def bytes_until_session_open(sshd: ThrowawaySshd, tmp_path: Path) -> int:
         target = config_module.load(s.config).targets["local"]
         connection = SshConnection(target, load_credentials(target))
         try:
-            connection.transport().open_session(timeout=5).close()
-            assert wait_until(lambda: proxy.upstream_bytes > 0, 1.0)
-            time.sleep(0.2)
-            return proxy.upstream_bytes
+            channel = connection.transport().open_session(timeout=5)
+            try:
+                return _settled_count(lambda: proxy.upstream_bytes)
+            finally:
+                channel.close()
         finally:
             connection.close()
+
+
+def _settled_count(read: Callable[[], int], quiet_seconds: float = 0.3) -> int:
+    """A counter's value once it has stopped changing for quiet_seconds (bounded: 5 s)."""
+    value, since = read(), time.monotonic()
+    deadline = since + 5.0
+    while time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
+        now_value = read()
+        if now_value != value:
+            value, since = now_value, time.monotonic()
+        elif time.monotonic() - since >= quiet_seconds:
+            return value
+    raise AssertionError("the counter never settled")
 
 
 def test_stall_inside_the_exec_request_is_cut_and_the_file_still_lands(
@@ -376,7 +392,8 @@ def full_disk_sshd(tmp_path: Path):
     require_private_mount_namespace()
     small = tmp_path / "small"
     small.mkdir()
-    mount_then_exec = f'mount -t tmpfs -o size=1m scpd-full {small} && exec "$@"'
+    # -n: libmount would otherwise note the mount in the machine's /run/mount/utab.
+    mount_then_exec = f'mount -n -t tmpfs -o size=1m scpd-full {small} && exec "$@"'
     server = ThrowawaySshd(tmp_path / "full-sshd", launcher=[
         "unshare", "-m", "--propagation", "private", "sh", "-c", mount_then_exec, "sh"])
     server.start()
@@ -415,3 +432,121 @@ def test_full_remote_disk_is_retried_and_never_reported_delivered(
     assert not [n for n in remote_names if n.endswith(".scpd-part")]
     local_status = s.scpd("status", "--json").stdout
     assert '"pending": 1' in local_status
+
+
+# -- h. a slow link -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_slow_link_is_not_mistaken_for_a_stall(tmp_path: Path, sshd: ThrowawaySshd,
+                                                remote_dir: Path, protocol: str):
+    # 600 KB at 100 KB/s with io_timeout 1s: the remote acknowledges the whole file only
+    # seconds after the last byte left scpd; the link moving all along is not a stall.
+    with FaultProxy(sshd.port, rate_bytes_per_second=100_000) as proxy:
+        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "known_hosts_proxy")
+        s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=proxy.port,
+                         target_extra=f'protocol = "{protocol}"\nconnections = 1')
+        text = s.config.read_text().replace('io_timeout = "5s"', 'io_timeout = "1s"')
+        s.config.write_text(text.replace('connect_timeout = "3s"', 'connect_timeout = "1s"'))
+        local = make_file(s.watch_dir / "slow.bin", 600_000)
+
+        result = s.scpd("run", "--once", "--timeout", "30s")
+
+    assert result.returncode == 0, result.stderr
+    assert sha256(remote_dir / "slow.bin") == sha256(local)
+    assert "retrying" not in result.stderr and "no progress" not in result.stderr
+    assert proxy.connections == 1
+
+
+# -- i. a cut session that the remote finishes late --------------------------------------------
+
+
+def test_a_cut_session_ending_late_never_puts_an_old_version_over_a_newer_one(
+        tmp_path: Path, sshd: ThrowawaySshd, remote_dir: Path, monkeypatch):
+    # The link stalls right after the whole of version 1 reached the remote, before scpd saw
+    # the acknowledgement. scpd retries, the file has changed, version 2 lands. Then the old
+    # session ends on the server: whatever it does, the remote must keep version 2.
+    from scpd import config as config_module
+    from scpd.errors import RetryableError
+    from scpd.transport import Throttle, load_credentials, open_uploader
+    from scpd.transport.scp import ScpUploader
+
+    local = tmp_path / "f.bin"
+    final = str(remote_dir / "f.bin")
+
+    def uploader_through(proxy: FaultProxy):
+        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / f"kh{proxy.port}")
+        s = write_config(tmp_path / f"c{proxy.port}", sshd, known_hosts, remote_dir,
+                         port=proxy.port)
+        s.config.write_text(s.config.read_text().replace('io_timeout = "5s"',
+                                                         'io_timeout = "1s"'))
+        target = config_module.load(s.config).targets["local"]
+        return open_uploader(target, load_credentials(target), Throttle([]))
+
+    def write(data: bytes) -> None:
+        local.write_bytes(data)
+        os.utime(local, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000 + data[0]))
+
+    # Measure how many bytes go upstream up to the final record of the file.
+    write(b"1" * 100_000)
+    measured: list[int] = []
+    original = ScpUploader._recv_last_ack
+    with FaultProxy(sshd.port) as proxy:
+        def spy(self, channel):
+            time.sleep(0.3)  # let the last record through the proxy before reading the count
+            measured.append(proxy.upstream_bytes)
+            return original(self, channel)
+
+        monkeypatch.setattr(ScpUploader, "_recv_last_ack", spy)
+        (tmp_path / f"c{proxy.port}").mkdir()
+        uploader = uploader_through(proxy)
+        uploader.upload(local, final)
+        uploader.close()
+        monkeypatch.setattr(ScpUploader, "_recv_last_ack", original)
+    os.unlink(final)
+
+    version_1, version_2 = b"1" * 100_000, b"2" * 100_000
+    write(version_1)
+    with FaultProxy(sshd.port, stall_after_bytes=measured[0]) as proxy:
+        (tmp_path / f"c{proxy.port}").mkdir()
+        uploader = uploader_through(proxy)
+        with pytest.raises(RetryableError):
+            uploader.upload(local, final)
+        assert proxy.has_stalled
+        write(version_2)
+        uploader.upload(local, final)
+        assert Path(final).read_bytes() == version_2
+        assert proxy.end_stalled() == 1  # the server learns the old session is over
+        time.sleep(1.5)  # what a late rename would need; there must be none
+        uploader.close()
+
+    assert Path(final).read_bytes() == version_2
+    assert wait_for_no_temp_files(remote_dir) == []
+
+
+# -- j. an sftp channel closed by the server while the connection lives on ----------------------
+
+
+def test_sftp_opens_a_new_channel_when_the_server_closed_the_old_one(
+        tmp_path: Path, remote_dir: Path):
+    server = ThrowawaySshd(tmp_path / "sshd-channel-timeout",
+                           extra_config="ChannelTimeout session:*=1s\n")
+    server.start()
+    try:
+        known_hosts = server.write_known_hosts(tmp_path / "known_hosts")
+        s = write_config(tmp_path, server, known_hosts, remote_dir,
+                         target_extra='protocol = "sftp"\nconnections = 1')
+        daemon = s.start_daemon()
+        try:
+            assert daemon.wait_for_log("scpd ready", 10), daemon.log()
+            first = make_file(s.watch_dir / "a.bin", 1000)
+            assert wait_until(lambda: (remote_dir / "a.bin").exists(), 10), daemon.log()
+            time.sleep(2.5)  # idle: the server closes the sftp channel after 1 s
+            second = make_file(s.watch_dir / "b.bin", 1000)
+            assert wait_until(lambda: (remote_dir / "b.bin").exists(), 10), daemon.log()
+        finally:
+            assert daemon.stop() == 0, daemon.log()
+    finally:
+        server.stop()
+    assert sha256(remote_dir / "a.bin") == sha256(first)
+    assert sha256(remote_dir / "b.bin") == sha256(second)

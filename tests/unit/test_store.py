@@ -349,3 +349,42 @@ def test_lock_state_dir_refuses_a_second_lock_on_the_same_dir(state_dir: Path) -
 
     fd = lock_state_dir(state_dir)  # free again once the holder is gone
     os.close(fd)
+
+
+def test_store_a_file_restored_to_its_delivered_version_owes_nothing(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+    assert job is not None
+    store.mark_delivered(job, V1, now=T0)
+    assert store.enqueue("reports", "offsite", "a.pdf", V2, now=T0) is True
+
+    # The file is put back as it was (cp -p, rsync -a, tar): the remote already has it.
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0) is False
+
+    assert states(store)["delivered"] == 1
+    assert store.claim("offsite", WATCHES, now=T0 + 3600) is None
+
+
+def test_store_defer_of_an_older_version_leaves_the_newer_one_due(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+    assert job is not None
+    store.enqueue("reports", "offsite", "a.pdf", V2, now=T0)  # queued while V1 was sending
+
+    store.defer(job, until=T0 + 3600)
+
+    again = store.claim("offsite", WATCHES, now=T0)
+    assert again is not None and again.version == V2
+
+
+def test_store_failure_of_an_older_version_does_not_fail_the_newer_one(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    job = store.claim("offsite", WATCHES, now=T0)
+    assert job is not None
+    store.enqueue("reports", "offsite", "a.pdf", V2, now=T0)
+
+    store.mark_failed(job, "permission denied", now=T0)
+
+    assert states(store)["failed"] == 0
+    again = store.claim("offsite", WATCHES, now=T0)
+    assert again is not None and again.version == V2
