@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,16 @@ class DaemonProcess:
                 return None
         self._reader.join(5)
         return self.process.returncode
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:
+    """Poll condition until it holds or timeout seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll)
+    return condition()
 
 
 def require_private_mount_namespace() -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Setup, write_config
+from conftest import Setup, wait_until, write_config
 
 from tools.sshd import ThrowawaySshd
 
@@ -159,8 +159,7 @@ def test_daemon_delivers_a_file_written_while_it_runs(protocol_setup: Setup):
         written_at = time.monotonic()
         make_file(local, 200_000)
         remote = s.remote_dir / "sub" / "late.bin"
-        while not remote.exists() and time.monotonic() - written_at < 10:
-            time.sleep(0.05)
+        wait_until(remote.exists, 10)
         landed_after = time.monotonic() - written_at
         assert_landed(local, remote, mtime_resolution_ns=s.mtime_resolution_ns)
         assert landed_after < 5, f"took {landed_after:.1f}s"
@@ -320,9 +319,7 @@ settle = "300ms"
         assert daemon.wait_for_log("config reloaded", 10), daemon.log()
         local = make_file(second / "new.txt", 100)
         remote = setup.remote_dir / "new.txt"
-        deadline = time.monotonic() + 10
-        while not remote.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(remote.exists, 10), "did not land within 10 s"
         assert_landed(local, remote)
     finally:
         assert daemon.stop() == 0, daemon.log()
@@ -339,9 +336,7 @@ def test_sighup_with_a_broken_config_keeps_the_running_one(setup: Setup):
         assert "targets.local.port" in daemon.log()
         local = make_file(setup.watch_dir / "still.txt", 100)
         remote = setup.remote_dir / "still.txt"
-        deadline = time.monotonic() + 10
-        while not remote.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(remote.exists, 10), "did not land within 10 s"
         assert_landed(local, remote)
     finally:
         assert daemon.stop() == 0, daemon.log()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import require_private_mount_namespace, write_config
+from conftest import require_private_mount_namespace, wait_until, write_config
 
 from tools.faultproxy import FaultProxy
 from tools.sshd import ThrowawaySshd
@@ -39,15 +39,6 @@ def temp_files(remote_dir: Path) -> list[Path]:
 
 def final_files(remote_dir: Path) -> list[Path]:
     return sorted(p for p in remote_dir.iterdir() if not p.name.startswith("."))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(POLL_SECONDS)
-    return condition()
 
 
 def wait_for_no_temp_files(remote_dir: Path) -> list[Path]:
