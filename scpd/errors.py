@@ -3,7 +3,7 @@
 ScpdError
 ├── ConfigError          exit 78, never retried; carries the dotted key path
 ├── PermanentError       job failed (or target unusable); an operator must act
-│   ├── HostKeyError, AuthError, RemotePathError, LocalReadError, UnsupportedNameError
+│   ├── HostKeyError, AuthError, RemotePathError, LocalReadError
 ├── RetryableError       job back to pending with a backoff
 │   ├── ConnectError, TransferInterrupted, RemoteFullError, LocalBusyError
 ├── FileChangedError     the file changed while it was read: its new version is queued
@@ -59,10 +59,6 @@ class RemotePathError(PermanentError):
 
 class LocalReadError(PermanentError):
     """The local file exists but cannot be read."""
-
-
-class UnsupportedNameError(PermanentError):
-    """A file name that cannot be carried to the remote."""
 
 
 class RetryableError(ScpdError):

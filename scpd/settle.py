@@ -86,10 +86,9 @@ class Settler:
             else:
                 candidate.is_closed = candidate.is_closed or is_closed
 
-    def forget(self, path: str) -> None:
+    def forget(self, watch: str, path: str) -> None:
         with self._lock:
-            for key in [key for key in self._candidates if key[1] == path]:
-                del self._candidates[key]
+            self._candidates.pop((watch, path), None)
 
     def __len__(self) -> int:
         with self._lock:

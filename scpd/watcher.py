@@ -35,7 +35,7 @@ _EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
 
 # (watch, absolute path, path relative to the watch root, is_closed)
 NoteFn = Callable[[Watch, str, str, bool], None]
-ForgetFn = Callable[[str], None]
+ForgetFn = Callable[[str, str], None]  # (watch name, absolute path)
 
 
 class PathFilter:
@@ -104,12 +104,12 @@ class _Handler(FileSystemEventHandler):
 
     def _dispatch(self, event: FileSystemEvent) -> None:
         if isinstance(event, FileDeletedEvent):
-            self.forget(os.fsdecode(event.src_path))
+            self.forget(self.watch.name, os.fsdecode(event.src_path))
         elif isinstance(event, DirCreatedEvent | DirMovedEvent):
             # Files written into a new directory before its watch existed get no event.
             self._scan_dir(os.fsdecode(event.dest_path or event.src_path))
         elif isinstance(event, FileMovedEvent):
-            self.forget(os.fsdecode(event.src_path))
+            self.forget(self.watch.name, os.fsdecode(event.src_path))
             self._note(os.fsdecode(event.dest_path), is_closed=True)  # a rename is complete
         else:
             self._note(os.fsdecode(event.src_path), isinstance(event, FileClosedEvent))

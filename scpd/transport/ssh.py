@@ -73,11 +73,6 @@ def load_credentials(target: Target) -> Credentials:
     return Credentials(password=password)
 
 
-def known_hosts_name(host: str, port: int) -> str:
-    """The name OpenSSH and paramiko look up: bare host on port 22, else [host]:port."""
-    return host if port == 22 else f"[{host}]:{port}"
-
-
 class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
     """Like OpenSSH's StrictHostKeyChecking=accept-new: remember the first key seen.
 

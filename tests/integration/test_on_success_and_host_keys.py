@@ -81,3 +81,21 @@ def test_accept_new_remembers_the_first_key_and_refuses_a_changed_one(
     assert second.returncode == 1, second.stderr
     assert "does not match known_hosts" in second.stderr
     assert not (remote_dir / "b.txt").exists()
+
+
+def test_on_success_is_applied_to_a_file_delivered_before_a_crash_cut_it_short(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path):
+    # Delivered and recorded, but the daemon died before deleting the source: the next
+    # start finds the file already delivered everywhere and finishes the job.
+    s = write_config(tmp_path, sshd, known_hosts, remote_dir)
+    (s.watch_dir / "a.txt").write_text("a")
+    assert s.scpd("run", "--once").returncode == 0
+    s.config.write_text(s.config.read_text().replace('settle = "300ms"',
+                                                     'settle = "300ms"\non_success = "delete"'))
+
+    result = s.scpd("run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert "sent" not in result.stderr  # not sent twice
+    assert not (s.watch_dir / "a.txt").exists()
+    assert (remote_dir / "a.txt").read_text() == "a"

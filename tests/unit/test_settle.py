@@ -179,8 +179,8 @@ def test_settler_forget_removes_a_noted_path(
     files.write(PATH, 10)
     settler.note("reports", PATH, "report.pdf", SETTLE)
 
-    settler.forget(PATH)
-    settler.forget("/never/noted")  # harmless
+    settler.forget("reports", PATH)
+    settler.forget("reports", "/never/noted")  # harmless
 
     assert len(settler) == 0
     clock.advance(SETTLE * 10)
