@@ -50,7 +50,7 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--offline", action="store_true", help="do not connect to targets")
     status = command("status", "what is owed to each target")
     status.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    retry = command("retry", "put failed jobs back in the queue")
+    retry = command("retry", "put failed jobs back in the queue and resume paused targets")
     retry.add_argument("--target", help="only this target")
     retry.add_argument("paths", nargs="*", help="only these files (paths under a watch)")
     return parser
@@ -183,7 +183,10 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{name}: {s['pending']} pending, {s['sending']} sending, {s['failed']} failed, "
               f"{s['delivered']} delivered ({s['bytes_delivered']} bytes)"
               + (f", oldest pending {age:.0f}s" if age is not None else ""))
-        if s["last_error"]:
+        if s["paused"]:
+            print(f"  PAUSED since {s['last_error_at']}: {s['last_error']}"
+                  f" (fix it, then: scpd retry --target {name})")
+        elif s["last_error"]:
             print(f"  last error at {s['last_error_at']}: {s['last_error']}")
     return 0
 
@@ -197,9 +200,13 @@ def _retry(args: argparse.Namespace) -> int:
     store = _open_store(cfg)
     try:
         n = store.retry_failed(target=args.target, rel_paths=rel_paths)
+        # A running daemon sees the pause gone within seconds and tries the target again.
+        resumed = store.resume_targets(args.target)
     finally:
         store.close()
     print(f"{n} failed job(s) queued again")
+    for name, reason in sorted(resumed.items()):
+        print(f"target {name} resumed (it was paused: {reason})")
     return 0
 
 

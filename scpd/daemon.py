@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from scpd import config as config_module
@@ -80,17 +81,29 @@ class Daemon:
         while self.flags.stop_requests == 0 and time.monotonic() < deadline:
             self._enqueue_ready()
             self.pool.cut_stalled()
-            if not len(self.settler) and not self._owed_count():
+            # Files owed only to paused targets cannot go in this run: no use waiting.
+            if not len(self.settler) and not self._owed_count(skip=self.pool.paused_targets()):
                 break
             time.sleep(_TICK_SECONDS)
         self._shutdown(grace_seconds=0.0 if self.flags.stop_requests else _STOP_GRACE_SECONDS)
+        exit_code = self._report_once(timeout_seconds)
+        self.close()
+        return exit_code
+
+    def _report_once(self, timeout_seconds: float) -> int:
+        """Say what run --once left undone; its exit code."""
         counts = self.store.counts(self._watch_names())
         failed = sum(c[JobState.FAILED] for c in counts.values())
         owed = self._owed_count(counts) + len(self.settler)
-        self.close()
+        paused = {name: reason for name, reason in self.pool.paused_targets().items()
+                  if self._owed_count(counts, only=name)}
+        for name, reason in paused.items():
+            log.error("target %s is paused (%s): %d file(s) not sent", name, reason,
+                      self._owed_count(counts, only=name))
         if failed:
             log.error("%d file(s) failed for good; see the errors above, then: scpd retry",
                       failed)
+        if failed or paused:
             return EXIT_FAILED
         if owed:
             log.warning("%d file(s) still owed after %.0fs; they are queued for the next run",
@@ -199,9 +212,12 @@ class Daemon:
     def _watch_names(self) -> tuple[str, ...]:
         return tuple(w.name for w in self.config.watches)
 
-    def _owed_count(self, counts: dict[str, dict[str, int]] | None = None) -> int:
+    def _owed_count(self, counts: dict[str, dict[str, int]] | None = None, *,
+                    skip: Collection[str] = (), only: str | None = None) -> int:
+        """Files queued or being sent, to every target but `skip` (or to `only`)."""
         counts = self.store.counts(self._watch_names()) if counts is None else counts
-        return sum(c[JobState.PENDING] + c[JobState.SENDING] for c in counts.values())
+        return sum(c[JobState.PENDING] + c[JobState.SENDING] for target, c in counts.items()
+                   if target not in skip and only in (None, target))
 
     def _status_line(self) -> str:
         counts = self.store.counts(self._watch_names())
@@ -213,7 +229,9 @@ class Daemon:
         self._rate_sample = (now, sent)
         line = (f"watching {len(self.config.watches)} dir(s); {pending} queued, "
                 f"{self.pool.busy_count()} sending, {rate / 1e6:.1f} MB/s")
-        return line + (f", {failed} failed" if failed else "")
+        paused = len(self.pool.paused_targets())
+        return (line + (f", {failed} failed" if failed else "")
+                + (f", {paused} target(s) paused" if paused else ""))
 
     def _is_healthy(self) -> bool:
         return self.pool.is_healthy() and (self.watcher is None or self.watcher.is_alive())

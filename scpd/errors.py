@@ -3,7 +3,8 @@
 ScpdError
 ├── ConfigError          exit 78, never retried; carries the dotted key path
 ├── PermanentError       job failed (or target unusable); an operator must act
-│   ├── HostKeyError, AuthError, RemotePathError, LocalReadError
+│   ├── HostKeyError, AuthError, IncompatibleServerError   (target-level: the target pauses)
+│   ├── RemotePathError, LocalReadError                      (this file only: the job fails)
 ├── RetryableError       job back to pending with a backoff
 │   ├── ConnectError, TransferInterrupted, RemoteFullError, LocalBusyError
 ├── FileChangedError     the file changed while it was read: its new version is queued
@@ -50,6 +51,12 @@ class HostKeyError(PermanentError):
 
 
 class AuthError(PermanentError):
+    is_target_level = True
+
+
+class IncompatibleServerError(PermanentError):
+    """No key exchange, cipher or host key type in common with the server."""
+
     is_target_level = True
 
 
@@ -150,7 +157,7 @@ def classify(exc: BaseException) -> ScpdError:
     if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
         return HostKeyError(f"{exc} (add the host key to the configured known_hosts)")
     if isinstance(exc, paramiko.ssh_exception.IncompatiblePeer):
-        return PermanentError(f"incompatible SSH server: {exc}")
+        return IncompatibleServerError(f"incompatible SSH server: {exc}")
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
         return ConnectError(f"cannot connect: {exc}")
     if isinstance(exc, socket.gaierror):

@@ -66,6 +66,8 @@ class Pool:
         self.bytes_sent = 0
         self._bytes_lock = threading.Lock()
         self._gates = {name: _TargetGate() for name in config.targets}
+        # A new pool (start, reload) tries every target afresh: the operator may have fixed it.
+        store.resume_targets()
 
     def target_down(self, target: Target) -> float:
         """A connection to the target failed: hold all its workers back. The delay grows with
@@ -73,11 +75,38 @@ class Pool:
         per queued file. Returns the delay."""
         return self._gates[target.name].close(target.retry)
 
-    def target_up(self, target: Target) -> None:
-        self._gates[target.name].open()
+    def pause_target(self, target: Target, error: ScpdError) -> None:
+        """The target refused us for a reason no retry fixes (auth, host key): its jobs wait
+        instead of failing one by one, and it is probed again every retry_max."""
+        probe_seconds = target.retry.max_seconds
+        self.store.pause_target(target.name, str(error))
+        if self._gates[target.name].pause(str(error), probe_seconds):
+            logs.event(logging.ERROR, "paused",
+                       "target %s paused: %s; its files wait. Fix it, then: scpd retry --target"
+                       " %s (or reload scpd); until then it is tried again every %.0fs",
+                       target.name, error, target.name, probe_seconds, target=target.name,
+                       error=str(error))
+        else:
+            log.warning("target %s still paused: %s", target.name, error)
 
-    def target_wait_seconds(self, target: Target) -> float:
-        return self._gates[target.name].wait_seconds()
+    def target_up(self, target: Target) -> None:
+        if self._gates[target.name].open() is not None:
+            self.store.resume_targets(target.name)
+            logs.event(logging.INFO, "resumed", "target %s works again: resumed",
+                       target.name, target=target.name)
+
+    def admit(self, target: Target) -> float:
+        """0 if a worker of the target may send now, else the seconds to wait."""
+        gate = self._gates[target.name]
+        if gate.paused_reason is not None and target.name not in self.store.paused_targets():
+            gate.open()  # `scpd retry` cleared the pause: the operator says it is fixed
+            log.info("target %s resumed by an operator", target.name)
+        return gate.admit()
+
+    def paused_targets(self) -> dict[str, str]:
+        """{target name: reason} of the targets paused now."""
+        return {name: gate.paused_reason for name, gate in self._gates.items()
+                if gate.paused_reason is not None}
 
     @property
     def is_stopping(self) -> bool:
@@ -172,12 +201,16 @@ class Pool:
 
 
 class _TargetGate:
-    """Consecutive connection failures of one target, and until when its workers wait."""
+    """Whether a target's workers may go: held back after connection failures (for a delay
+    that grows with consecutive failures), or paused by a refusal no retry fixes, when one
+    worker at a time probes it every `probe_seconds`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._failures = 0
         self._closed_until = 0.0
+        self.paused_reason: str | None = None
+        self._probe_seconds = 0.0
 
     def close(self, policy: RetryPolicy) -> float:
         with self._lock:
@@ -186,14 +219,32 @@ class _TargetGate:
             self._closed_until = max(self._closed_until, time.monotonic() + delay)
             return delay
 
-    def open(self) -> None:
+    def pause(self, reason: str, probe_seconds: float) -> bool:
+        """True if this pauses the target, False if it was paused already."""
         with self._lock:
+            was_paused = self.paused_reason is not None
+            self.paused_reason, self._probe_seconds = reason, probe_seconds
+            self._closed_until = time.monotonic() + probe_seconds
+            return not was_paused
+
+    def open(self) -> str | None:
+        """The target works: clear every hold. Returns the pause reason it had, if any."""
+        with self._lock:
+            reason, self.paused_reason = self.paused_reason, None
             self._failures = 0
             self._closed_until = 0.0
+            return reason
 
-    def wait_seconds(self) -> float:
+    def admit(self) -> float:
+        """0 if the caller may send now, else the seconds to wait. A paused target admits one
+        caller per probe period: the probe."""
         with self._lock:
-            return self._closed_until - time.monotonic()
+            now = time.monotonic()
+            if self._closed_until > now:
+                return self._closed_until - now
+            if self.paused_reason is not None:
+                self._closed_until = now + self._probe_seconds
+            return 0.0
 
 
 class _Worker(threading.Thread):
@@ -207,7 +258,7 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         store = self.pool.store
         while not self.pool.is_stopping:
-            held = self.pool.target_wait_seconds(self.target)
+            held = self.pool.admit(self.target)
             if held > 0:
                 self.pool.wait_for_work(self.target.name, min(held, _IDLE_WAIT_SECONDS))
                 continue
@@ -270,6 +321,9 @@ class _Worker(threading.Thread):
                        error=str(error), **fields)
         elif self.pool.is_stopping and isinstance(error, RetryableError | FileChangedError):
             store.release(job)  # cut by the stop itself; the next start sends it
+        elif isinstance(error, PermanentError) and error.is_target_level:
+            store.release(job)  # not the file's fault: it waits for the target
+            self.pool.pause_target(target, error)
         elif isinstance(error, FileChangedError):
             # Not sent again until it settles: the settler queues the new version, which makes
             # the job due at once; the deferral only matters if that never happens.

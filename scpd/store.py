@@ -52,6 +52,15 @@ MIGRATIONS = [
     );
     CREATE INDEX jobs_due ON jobs (target, state, next_attempt_at);
     """,
+    """
+    -- A target refused us for a reason no retry fixes (auth, host key): its jobs wait, kept
+    -- pending, until an operator acts. A row here is what `scpd status` shows as paused.
+    CREATE TABLE target_pauses (
+        target TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        paused_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -318,18 +327,21 @@ class Store:
                 WHERE last_error IS NOT NULL AND watch IN ({_placeholders(watches)})
                 GROUP BY target
                 """, watches)}
-        result = {}
+        pauses = self.paused_targets()
+        result = {target: self.empty_summary() for target in pauses}
         for target, pending, sending, failed, delivered, nbytes, oldest in rows:
-            summary = self.empty_summary()
+            summary = result.setdefault(target, self.empty_summary())
             summary.update(pending=pending, sending=sending, failed=failed, delivered=delivered,
                            bytes_delivered=nbytes,
                            oldest_pending_age_s=None if oldest is None else round(now - oldest, 1))
-            if target in errors:
-                message, at = errors[target]
+        for target, summary in result.items():
+            summary["paused"] = target in pauses
+            # A pause is the target's newest trouble: its reason is the error to show.
+            if target in pauses or target in errors:
+                message, at = pauses[target] if target in pauses else errors[target]
                 summary["last_error"] = message
                 summary["last_error_at"] = datetime.datetime.fromtimestamp(
                     float(at), datetime.UTC).isoformat(timespec="seconds")
-            result[target] = summary
         return result
 
     def retry_failed(self, target: str | None = None,
@@ -347,6 +359,32 @@ class Store:
             return sum(db.execute(query + " AND watch = ? AND rel_path = ?",
                                   [*params, watch, os.fsencode(rel)]).rowcount
                        for watch, rel in rel_paths)
+
+    # -- paused targets -----------------------------------------------------------------------
+
+    def pause_target(self, target: str, reason: str, now: float | None = None) -> None:
+        """Record the target as paused (the first pause time is kept, the reason updated)."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute("""
+                INSERT INTO target_pauses (target, reason, paused_at) VALUES (?, ?, ?)
+                ON CONFLICT (target) DO UPDATE SET reason = excluded.reason
+                """, (target, reason, now))
+
+    def resume_targets(self, target: str | None = None) -> dict[str, str]:
+        """Clear the pause of one target (or all). Returns {target: reason} of those cleared."""
+        where, params = ("WHERE target = ?", (target,)) if target else ("", ())
+        with self._transaction() as db:
+            cleared = dict(db.execute(f"SELECT target, reason FROM target_pauses {where}",
+                                      params).fetchall())
+            db.execute(f"DELETE FROM target_pauses {where}", params)
+        return cleared
+
+    def paused_targets(self) -> dict[str, tuple[str, float]]:
+        """{target: (reason, paused_at)}"""
+        with self._lock:
+            rows = self._db.execute("SELECT target, reason, paused_at FROM target_pauses")
+            return {target: (reason, at) for target, reason, at in rows}
 
     def is_delivered_everywhere(self, watch: str, rel_path: str, version: FileVersion,
                                 targets: tuple[str, ...]) -> bool:

@@ -171,7 +171,10 @@ class SshConnection:
 
     def _connect(self) -> paramiko.SSHClient:
         target = self.target
-        client = _host_keys_client(target)
+        try:
+            client = _host_keys_client(target)  # read at each connection: fixes apply at once
+        except ConfigError as exc:  # known_hosts broken since start: no host can be trusted
+            raise HostKeyError(str(exc)) from None
         sock = self._sock = _open_socket(target)
         try:
             client.connect(

@@ -134,18 +134,45 @@ def test_status_json_counts_delivered_files_and_bytes(setup: Setup):
     assert local["last_error"] is None
 
 
-def test_retry_puts_failed_jobs_back(setup: Setup, known_hosts: Path):
-    good_keys = known_hosts.read_text()
-    known_hosts.write_text("")
+def test_retry_puts_failed_jobs_back(setup: Setup):
+    (setup.remote_dir / "a.txt").mkdir()  # in the way: a permanent error of this one file
     (setup.watch_dir / "a.txt").write_text("a")
     assert setup.scpd("run", "--once", "--timeout", "3s").returncode == 1
-    known_hosts.write_text(good_keys)
+    (setup.remote_dir / "a.txt").rmdir()
     assert setup.scpd("run", "--once").returncode == 1  # failed stays failed until retried
 
     retried = setup.scpd("retry")
     result = setup.scpd("run", "--once")
 
     assert retried.stdout.strip() == "1 failed job(s) queued again"
+    assert result.returncode == 0, result.stderr
+    assert (setup.remote_dir / "a.txt").read_text() == "a"
+
+
+def test_a_refused_host_key_pauses_the_target_and_status_and_retry_say_so(
+        setup: Setup, known_hosts: Path):
+    good_keys = known_hosts.read_text()
+    known_hosts.write_text("")
+    (setup.watch_dir / "a.txt").write_text("a")
+
+    run = setup.scpd("run", "--once", "--timeout", "30s")
+    status = json.loads(setup.scpd("status", "--json").stdout)["targets"]["local"]
+    text_status = setup.scpd("status").stdout
+
+    assert run.returncode == 1, run.stderr
+    assert "target local paused: " in run.stderr and "not found in known_hosts" in run.stderr
+    assert "target local is paused" in run.stderr and "1 file(s) not sent" in run.stderr
+    assert status["paused"] is True and status["pending"] == 1 and status["failed"] == 0
+    assert "not found in known_hosts" in status["last_error"]
+    assert "PAUSED since" in text_status and "scpd retry --target local" in text_status
+
+    known_hosts.write_text(good_keys)
+    retried = setup.scpd("retry", "--target", "local")
+    status = json.loads(setup.scpd("status", "--json").stdout)["targets"]["local"]
+    result = setup.scpd("run", "--once")
+
+    assert "target local resumed (it was paused: " in retried.stdout
+    assert status["paused"] is False
     assert result.returncode == 0, result.stderr
     assert (setup.remote_dir / "a.txt").read_text() == "a"
 

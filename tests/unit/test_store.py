@@ -388,3 +388,51 @@ def test_store_failure_of_an_older_version_does_not_fail_the_newer_one(store: St
     assert states(store)["failed"] == 0
     again = store.claim("offsite", WATCHES, now=T0)
     assert again is not None and again.version == V2
+
+
+def test_store_a_paused_target_shows_in_summaries_with_its_reason(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_failed(store.claim("offsite", WATCHES, now=T0), "an older error", now=T0 + 1)
+    store.pause_target("offsite", "host key does not match", now=T0 + 5)
+    store.pause_target("offsite", "authentication failed", now=T0 + 9)  # first time is kept
+    store.pause_target("idle", "authentication failed", now=T0 + 5)  # no jobs at all
+
+    summaries = store.summaries(WATCHES, now=T0 + 100)
+
+    assert summaries["offsite"]["paused"] is True
+    assert summaries["offsite"]["last_error"] == "authentication failed"
+    assert datetime.datetime.fromisoformat(summaries["offsite"]["last_error_at"]) == \
+        datetime.datetime.fromtimestamp(T0 + 5, datetime.UTC)
+    assert summaries["offsite"]["failed"] == 1
+    assert summaries["idle"]["paused"] is True and summaries["idle"]["pending"] == 0
+
+
+def test_store_resume_targets_clears_one_or_every_pause(store: Store) -> None:
+    store.pause_target("offsite", "authentication failed", now=T0)
+    store.pause_target("backup", "host key does not match", now=T0)
+
+    assert store.resume_targets("offsite") == {"offsite": "authentication failed"}
+    assert store.resume_targets("offsite") == {}
+    assert set(store.paused_targets()) == {"backup"}
+    assert store.resume_targets() == {"backup": "host key does not match"}
+    assert store.paused_targets() == {}
+
+
+def test_store_migrates_a_first_schema_database_keeping_its_jobs(state_dir: Path) -> None:
+    state_dir.mkdir()
+    db = sqlite3.connect(state_dir / DB_NAME)
+    db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")
+    db.execute("INSERT INTO jobs (watch, target, rel_path, state, size, mtime_ns, inode,"
+               " queued_at) VALUES ('reports', 'offsite', ?, 'pending', 1, 1, 1, ?)",
+               (b"old.pdf", T0))
+    db.commit()
+    db.close()
+
+    store = Store.open(state_dir)
+    try:
+        store.pause_target("offsite", "authentication failed", now=T0)
+        assert states(store)["pending"] == 1
+        assert store.claim("offsite", WATCHES, now=T0).rel_path == "old.pdf"
+        assert "offsite" in store.paused_targets()
+    finally:
+        store.close()
