@@ -118,6 +118,23 @@ class ThrowawaySshd:
         for pid in alive:
             _signal(pid, signal.SIGKILL)
 
+    def crash(self) -> None:
+        """End sshd and every session with SIGKILL at one instant, as a power cut of the server
+        would: no remote command gets to clean up after itself. Frozen first (SIGSTOP), so
+        that none runs between the kills of its parent and its own."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        frozen = [proc.pid, *_descendants(proc.pid)]
+        for pid in frozen:
+            _signal(pid, signal.SIGSTOP)
+        for pid in dict.fromkeys([*frozen, *_descendants(proc.pid)]):  # and any fork since
+            _signal(pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        while any(_is_alive(pid) for pid in frozen) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def __enter__(self) -> ThrowawaySshd:
         return self if self.is_running else self.start()
 

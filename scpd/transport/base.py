@@ -41,6 +41,10 @@ class Uploader(ABC):
         """Drop the connection for good: a later upload fails instead of reconnecting."""
 
 
+_TEMP_TAIL = ".scpd-part"
+TEMP_TOKEN_CHARS = 8  # hex digits of the per-attempt token
+
+
 def temp_name(final_name: str, *, is_per_attempt: bool) -> str:
     """The hidden name a file is written under before it is renamed into place.
 
@@ -50,12 +54,19 @@ def temp_name(final_name: str, *, is_per_attempt: bool) -> str:
     SFTP does nothing the client does not ask for, so it reuses one name, which the next
     attempt replaces: nothing stale is left behind by a cut.
     """
-    token = f".{secrets.token_hex(4)}" if is_per_attempt else ""
-    name = f".{final_name}{token}.scpd-part"
-    if len(os.fsencode(name)) <= _NAME_MAX_BYTES:
-        return name
-    digest = hashlib.sha256(os.fsencode(final_name)).hexdigest()[:32]
-    return f".{digest}{token}.scpd-part"
+    head, tail = temp_name_parts(final_name, is_per_attempt=is_per_attempt)
+    token = f".{secrets.token_hex(TEMP_TOKEN_CHARS // 2)}" if is_per_attempt else ""
+    return head + token + tail
+
+
+def temp_name_parts(final_name: str, *, is_per_attempt: bool) -> tuple[str, str]:
+    """(head, tail) of the temporary names of a file: head + [".TOKEN"] + tail. What a crash
+    of the remote leaves behind matches them, and the next attempt removes it."""
+    head = f".{final_name}"
+    token_bytes = 1 + TEMP_TOKEN_CHARS if is_per_attempt else 0
+    if len(os.fsencode(head)) + token_bytes + len(_TEMP_TAIL) > _NAME_MAX_BYTES:
+        head = "." + hashlib.sha256(os.fsencode(final_name)).hexdigest()[:32]
+    return head, _TEMP_TAIL
 
 
 class LocalFile:

@@ -2,14 +2,17 @@
 
 One remote command per file, its exit status checked:
 
-    { mkdir -p -- DIR && scp -p -t -- TMP && read -r go && [ "$go" = publish ] &&
-      mv -f -- TMP FINAL; } || { rm -f -- TMP; exit 1; }
+    { mkdir -p -- DIR && { rm -f -- STALE 2>/dev/null; scp -p -t -- TMP; } &&
+      read -r go && [ "$go" = publish ] && mv -f -- TMP FINAL; } || { rm -f -- TMP; exit 1; }
 
-(with a guard that refuses to mv onto a directory named FINAL). Once this client has seen
-the whole file acknowledged it ends the scp with an `E` record (the sink reads its input a
-byte at a time, so nothing more is consumed) and sends `publish`. A session that the network
-cut, but that is still alive on the remote, reads end of input instead: it removes its temp
-file and never renames (it could put an old version over the newer one its retry delivered).
+(with a guard that refuses to mv onto a directory named FINAL). STALE is a glob of the
+temporary names of earlier attempts at this file: a crash of the remote leaves them behind.
+
+Once this client has seen the whole file acknowledged it ends the scp with an `E` record
+(the sink reads its input a byte at a time, so nothing more is consumed) and sends `publish`.
+A session that the network cut, but that is still alive on the remote, reads end of input
+instead: it removes its temp file and never renames (it could put an old version over the
+newer one its retry delivered).
 
 Every remote path is shell-quoted (file names are data, never shell), exactly the announced
 number of bytes is sent, and a file that changed while it was read is aborted with a fatal
@@ -34,7 +37,7 @@ from scpd.errors import (
     classify_remote_message,
 )
 from scpd.fileversion import FileVersion
-from scpd.transport.base import LocalFile, Uploader, temp_name
+from scpd.transport.base import TEMP_TOKEN_CHARS, LocalFile, Uploader, temp_name, temp_name_parts
 from scpd.transport.ssh import SshConnection
 from scpd.transport.throttle import Throttle
 
@@ -109,10 +112,14 @@ class ScpUploader(Uploader):
         q = shlex.quote
         flags = "-p " if (self.target.preserve_times or self.target.preserve_mode) else ""
         directory = posixpath.dirname(final) or "."
+        # The quoted parts of a glob match literally, whatever the file name holds.
+        head, tail = temp_name_parts(posixpath.basename(final), is_per_attempt=True)
+        stale = q(posixpath.join(directory, head)) + "." + "?" * TEMP_TOKEN_CHARS + q(tail)
         # mv onto an existing directory would move the file inside it: refuse that instead.
         publish = (f"if [ -d {q(final)} ]; then printf 'scpd: %s: Is a directory\\n' {q(final)}"
                    f" >&2; false; else mv -f -- {q(tmp)} {q(final)}; fi")
-        return (f"{{ mkdir -p -- {q(directory)} && scp {flags}-t -- {q(tmp)} &&"
+        return (f"{{ mkdir -p -- {q(directory)} &&"
+                f" {{ rm -f -- {stale} 2>/dev/null; scp {flags}-t -- {q(tmp)}; }} &&"
                 f' IFS= read -r go && [ "$go" = publish ] && {publish}; }}'
                 f" || {{ rm -f -- {q(tmp)}; exit 1; }}")
 
