@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -78,6 +79,22 @@ class DaemonProcess:
                 return None
         self._reader.join(5)
         return self.process.returncode
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_file(path: Path, size: int) -> Path:
+    """A file of `size` random bytes (its directory made as needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def temp_files(remote_dir: Path) -> list[Path]:
+    """scpd's hidden temporary files anywhere under remote_dir."""
+    return sorted(remote_dir.rglob("*.scpd-part"))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:

@@ -3,22 +3,17 @@ and mode: through `run --once` and through the running daemon, over SCP and SFTP
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Setup, wait_until, write_config
+from conftest import Setup, sha256, wait_until, write_config
 
 from tools.sshd import ThrowawaySshd
 
 PROTOCOLS = ["scp", "sftp"]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def make_file(path: Path, size: int, *, mode: int = 0o640, mtime_ns: int | None = None) -> Path:

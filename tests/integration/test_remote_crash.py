@@ -4,20 +4,15 @@ same file removes or overwrites it; nothing partial is ever under the final name
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
-from conftest import wait_until, write_config
+from conftest import sha256, wait_until, write_config
 
 from tools.sshd import ThrowawaySshd
 
 MiB = 1024 * 1024
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def temp_files(directory: Path) -> list[str]:
