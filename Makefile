@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test venv lint demo bench clean
+.PHONY: test venv lint demo bench fault-matrix clean
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -31,6 +31,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	@if [ -f bench/run.py ]; then $(VENV)/bin/python bench/run.py; \
 	else echo "bench: bench/run.py is not written yet"; fi
+
+fault-matrix: $(STAMP)
+	$(VENV)/bin/python bench/fault_matrix.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

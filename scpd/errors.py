@@ -134,7 +134,8 @@ def classify_sftp(exc: BaseException, path: str) -> ScpdError:
         if exc.errno is None:
             # OpenSSH's generic SSH_FX_FAILURE, which is also how a full disk shows over
             # SFTPv3: retry rather than give the file up.
-            return TransferInterrupted(f"remote: {exc} ({path})")
+            return TransferInterrupted(f"remote: {exc} ({path}; the SFTP server gives no"
+                                       " reason: a full disk or quota, most often)")
         return RemotePathError(f"remote: {exc.strerror or exc} ({path})")
     return classify(exc)
 

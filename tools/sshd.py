@@ -156,17 +156,19 @@ class ThrowawaySshd:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def host_key_line(self) -> str:
-        """The known_hosts line for this server, `[127.0.0.1]:PORT ssh-ed25519 AAAA...`."""
+    def host_key_line(self, port: int | None = None) -> str:
+        """The known_hosts line for this server, `[127.0.0.1]:PORT ssh-ed25519 AAAA...`, as
+        reached on its own port or on `port` (a proxy in front of it)."""
         if self.port is None:
             raise RuntimeError("sshd has no port yet: call start() first")
+        port = port or self.port
         key_type, key_base64 = self.host_key.with_suffix(".pub").read_text().split()[:2]
-        host = "127.0.0.1" if self.port == 22 else f"[127.0.0.1]:{self.port}"
+        host = "127.0.0.1" if port == 22 else f"[127.0.0.1]:{port}"
         return f"{host} {key_type} {key_base64}"
 
-    def write_known_hosts(self, path: Path) -> Path:
+    def write_known_hosts(self, path: Path, port: int | None = None) -> Path:
         path = Path(path)
-        path.write_text(self.host_key_line() + "\n")
+        path.write_text(self.host_key_line(port) + "\n")
         return path
 
     def log_text(self) -> str:

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tools.harness import private_mount_namespace_problem, scpd_config_text
+from tools.harness import wait_until as wait_until  # the tests import it from here
 from tools.sshd import ThrowawaySshd
 
 
@@ -97,29 +98,10 @@ def temp_files(remote_dir: Path) -> list[Path]:
     return sorted(remote_dir.rglob("*.scpd-part"))
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:
-    """Poll condition until it holds or timeout seconds pass; its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(poll)
-    return condition()
-
-
 def require_private_mount_namespace() -> None:
-    """Skip the calling test where a private mount namespace cannot be made (not root, no
-    unshare, or a chroot whose / is not a mount point)."""
-    import shutil
-
-    if os.geteuid() != 0:
-        pytest.skip("needs root: a private mount namespace (unshare -m) needs CAP_SYS_ADMIN")
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is missing")
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"],
-                           capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip(f"no private mount namespace here: {probe.stderr.strip()}")
+    """Skip the calling test where a private mount namespace cannot be made."""
+    if (problem := private_mount_namespace_problem()) is not None:
+        pytest.skip(problem)
 
 
 def run_scpd(*args: str, timeout: float = 60, env: dict | None = None
@@ -136,30 +118,9 @@ def write_config(tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_
     watch_dir.mkdir(exist_ok=True)
     state_dir = tmp_path / "state"
     config = tmp_path / "scpd.toml"
-    config.write_text(f"""
-[daemon]
-state_dir = "{state_dir}"
-
-[targets.local]
-host = "127.0.0.1"
-port = {port or sshd.port}
-user = "{sshd.user}"
-identity_file = "{sshd.client_key}"
-known_hosts = "{known_hosts}"
-remote_dir = "{remote_dir}"
-connect_timeout = "3s"
-io_timeout = "5s"
-retry_initial = "200ms"
-retry_max = "1s"
-{target_extra}
-
-[[watch]]
-name = "outbox"
-path = "{watch_dir}"
-targets = ["local"]
-settle = "300ms"
-{watch_extra}
-""")
+    config.write_text(scpd_config_text(sshd, known_hosts, remote_dir, watch_dir, state_dir,
+                                       port=port, target_extra=target_extra,
+                                       watch_extra=watch_extra))
     return Setup(config=config, watch_dir=watch_dir, remote_dir=remote_dir, state_dir=state_dir)
 
 

@@ -192,8 +192,7 @@ def test_changed_host_key_is_refused(setup: Setup, known_hosts: Path, tmp_path: 
     other = ThrowawaySshd(tmp_path / "other-sshd")
     other.start()
     other.stop()
-    known_hosts.write_text(other.host_key_line().replace(f"]:{other.port} ",
-                                                         f"]:{_port_of(setup)} ") + "\n")
+    other.write_known_hosts(known_hosts, port=_port_of(setup))
     make_file(setup.watch_dir / "a.txt", 10)
 
     result = setup.scpd("run", "--once", "--timeout", "3s")

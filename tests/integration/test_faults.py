@@ -22,6 +22,7 @@ from conftest import (
 )
 
 from tools.faultproxy import FaultProxy
+from tools.harness import private_tmpfs_launcher
 from tools.sshd import ThrowawaySshd
 
 PROTOCOLS = ["scp", "sftp"]
@@ -40,12 +41,6 @@ def wait_for_no_temp_files(remote_dir: Path) -> list[Path]:
     return temp_files(remote_dir)
 
 
-def known_hosts_for_port(sshd: ThrowawaySshd, port: int, path: Path) -> Path:
-    """known_hosts naming the sshd's host key as it is reached through another port."""
-    line = sshd.host_key_line()
-    assert line.startswith(f"[127.0.0.1]:{sshd.port} ")
-    path.write_text(line.replace(f"]:{sshd.port} ", f"]:{port} ", 1) + "\n")
-    return path
 
 
 def retry_lines(log: str) -> list[str]:
@@ -62,7 +57,7 @@ def test_run_once_delivers_the_whole_file_when_the_connection_is_cut_mid_file(
         cut_after_bytes: int):
     # The first few KB upstream are the SSH handshake; every offset here is inside the data.
     with FaultProxy(sshd.port, cut_after_bytes=cut_after_bytes) as proxy:
-        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "known_hosts_proxy")
+        known_hosts = sshd.write_known_hosts(tmp_path / "known_hosts_proxy", port=proxy.port)
         s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=proxy.port,
                          target_extra=f'protocol = "{protocol}"\nconnections = 1')
         local = make_file(s.watch_dir / "big.bin", 4 * MiB)
@@ -91,7 +86,7 @@ def test_retry_survives_the_cut_session_ending_late_on_the_remote(
     # the server learns that the old session is dead only later, while the retry writes to
     # the same remote directory. Whatever the old session does then must not spoil the retry.
     with FaultProxy(sshd.port, stall_after_bytes=1_000_000) as proxy:
-        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "known_hosts_proxy")
+        known_hosts = sshd.write_known_hosts(tmp_path / "known_hosts_proxy", port=proxy.port)
         s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=proxy.port,
                          target_extra=f'protocol = "{protocol}"\nconnections = 1\n'
                                       'bandwidth_limit = "2MiB/s"')
@@ -270,7 +265,7 @@ def bytes_until_session_open(sshd: ThrowawaySshd, tmp_path: Path) -> int:
     from scpd.transport.ssh import SshConnection
 
     with FaultProxy(sshd.port) as proxy:
-        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "kh-measure")
+        known_hosts = sshd.write_known_hosts(tmp_path / "kh-measure", port=proxy.port)
         s = write_config(tmp_path / "measure", sshd, known_hosts, tmp_path, port=proxy.port)
         target = config_module.load(s.config).targets["local"]
         connection = SshConnection(target, load_credentials(target))
@@ -305,7 +300,7 @@ def test_stall_inside_the_exec_request_is_cut_and_the_file_still_lands(
     (tmp_path / "measure").mkdir()
     stall_at = bytes_until_session_open(sshd, tmp_path) + 40
     with FaultProxy(sshd.port, stall_after_bytes=stall_at) as proxy:
-        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "known_hosts_proxy")
+        known_hosts = sshd.write_known_hosts(tmp_path / "known_hosts_proxy", port=proxy.port)
         s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=proxy.port,
                          target_extra="connections = 1")
         s.config.write_text(s.config.read_text().replace('io_timeout = "5s"',
@@ -330,10 +325,7 @@ def full_disk_sshd(tmp_path: Path):
     require_private_mount_namespace()
     small = tmp_path / "small"
     small.mkdir()
-    # -n: libmount would otherwise note the mount in the machine's /run/mount/utab.
-    mount_then_exec = f'mount -n -t tmpfs -o size=1m scpd-full {small} && exec "$@"'
-    server = ThrowawaySshd(tmp_path / "full-sshd", launcher=[
-        "unshare", "-m", "--propagation", "private", "sh", "-c", mount_then_exec, "sh"])
+    server = ThrowawaySshd(tmp_path / "full-sshd", launcher=private_tmpfs_launcher(small, "1m"))
     server.start()
     try:
         yield server, small
@@ -433,7 +425,7 @@ def test_a_slow_link_is_not_mistaken_for_a_stall(tmp_path: Path, sshd: Throwaway
     # 600 KB at 100 KB/s with io_timeout 1s: the remote acknowledges the whole file only
     # seconds after the last byte left scpd; the link moving all along is not a stall.
     with FaultProxy(sshd.port, rate_bytes_per_second=100_000) as proxy:
-        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / "known_hosts_proxy")
+        known_hosts = sshd.write_known_hosts(tmp_path / "known_hosts_proxy", port=proxy.port)
         s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=proxy.port,
                          target_extra=f'protocol = "{protocol}"\nconnections = 1')
         text = s.config.read_text().replace('io_timeout = "5s"', 'io_timeout = "1s"')
@@ -465,7 +457,7 @@ def test_a_cut_session_ending_late_never_puts_an_old_version_over_a_newer_one(
     final = str(remote_dir / "f.bin")
 
     def uploader_through(proxy: FaultProxy):
-        known_hosts = known_hosts_for_port(sshd, proxy.port, tmp_path / f"kh{proxy.port}")
+        known_hosts = sshd.write_known_hosts(tmp_path / f"kh{proxy.port}", port=proxy.port)
         s = write_config(tmp_path / f"c{proxy.port}", sshd, known_hosts, remote_dir,
                          port=proxy.port)
         s.config.write_text(s.config.read_text().replace('io_timeout = "5s"',

@@ -53,10 +53,10 @@ def replace_by_rename(path: Path, staging: Path) -> None:
 def test_file_changed_while_sent_lands_only_as_its_final_content(
         tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path,
         protocol: str, change):
-    # 3 MiB at 1 MiB/s: the first send takes about three seconds, and the change falls
+    # 3 MiB at 2 MiB/s: the first send takes one and a half seconds, and the change falls
     # right after it started, so the first version can never complete before it.
     s = write_config(tmp_path, sshd, known_hosts, remote_dir,
-                     target_extra=f'protocol = "{protocol}"\nbandwidth_limit = "1MiB/s"\n'
+                     target_extra=f'protocol = "{protocol}"\nbandwidth_limit = "2MiB/s"\n'
                                   "connections = 1")
     local = make_file(s.watch_dir / "data.bin", 3 * MiB)
     first_digest = sha256(local)

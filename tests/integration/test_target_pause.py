@@ -28,9 +28,6 @@ def new_key(path: Path) -> Path:
     return path
 
 
-def host_key_line(sshd: ThrowawaySshd, port: int) -> str:
-    """The sshd's known_hosts line, as reached through another port."""
-    return sshd.host_key_line().replace(f"]:{sshd.port} ", f"]:{port} ", 1) + "\n"
 
 
 def target_block(name: str, port: int, user: str, key: Path, known_hosts: Path,
@@ -64,7 +61,7 @@ def test_bad_host_key_and_bad_login_pause_their_targets_while_the_good_one_deliv
                                 f"{(wrong_key.with_suffix('.pub')).read_text().strip()}\n")
         # badauth: the right server, but a key it does not accept.
         badauth_hosts = tmp_path / "known_hosts_badauth"
-        badauth_hosts.write_text(host_key_line(sshd, to_badauth.port))
+        sshd.write_known_hosts(badauth_hosts, port=to_badauth.port)
         stranger = new_key(tmp_path / "stranger")
         config = tmp_path / "scpd.toml"
         config.write_text(
@@ -97,7 +94,7 @@ def test_bad_host_key_and_bad_login_pause_their_targets_while_the_good_one_deliv
 
             # The operator fixes both (known_hosts read at each connection; the key at
             # reload) and reloads: both targets catch up, nothing resent to the good one.
-            badkey_hosts.write_text(host_key_line(sshd, to_badkey.port))
+            sshd.write_known_hosts(badkey_hosts, port=to_badkey.port)
             config.write_text(config.read_text().replace(str(stranger), str(sshd.client_key)))
             daemon.process.send_signal(signal.SIGHUP)
             caught_up = wait_until(lambda: all((remotes[t] / n).is_file() for n in names
