@@ -116,8 +116,12 @@ class ScpUploader(Uploader):
         head, tail = temp_name_parts(posixpath.basename(final), is_per_attempt=True)
         stale = q(posixpath.join(directory, head)) + "." + "?" * TEMP_TOKEN_CHARS + q(tail)
         # mv onto an existing directory would move the file inside it: refuse that instead.
+        # A temp file gone before its rename was cleared by another session sending the same
+        # remote path (two watches mapping one file to one place): retried, not failed.
         publish = (f"if [ -d {q(final)} ]; then printf 'scpd: %s: Is a directory\\n' {q(final)}"
-                   f" >&2; false; else mv -f -- {q(tmp)} {q(final)}; fi")
+                   f" >&2; false; elif [ ! -f {q(tmp)} ]; then"
+                   f" echo 'scpd: the temporary file vanished before its rename' >&2; false;"
+                   f" else mv -f -- {q(tmp)} {q(final)}; fi")
         return (f"{{ mkdir -p -- {q(directory)} &&"
                 f" {{ rm -f -- {stale} 2>/dev/null; scp {flags}-t -- {q(tmp)}; }} &&"
                 f' IFS= read -r go && [ "$go" = publish ] && {publish}; }}'
