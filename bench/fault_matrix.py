@@ -155,6 +155,16 @@ class World:
         except OSError:
             return []
 
+    def temp_sizes(self) -> dict[str, int]:
+        """{name: size} of the temporary files now; one renamed meanwhile is left out."""
+        sizes = {}
+        for name in self.temps():
+            try:
+                sizes[name] = (self.view / name).stat().st_size
+            except OSError:
+                pass
+        return sizes
+
     def landed(self) -> int:
         return sum(self.remote_digest(name) == v[-1] for name, v in self.versions.items())
 
@@ -360,8 +370,8 @@ def remote_crash(protocol: str) -> Row:
             w.write(f"small{i:02d}.bin", rng.randbytes(rng.randint(30_000, 120_000)))
 
         def big_is_mid_file() -> bool:
-            return any(name.startswith(".big.bin") and (w.view / name).stat().st_size > 500_000
-                       for name in w.temps() if (w.view / name).exists())
+            return any(name.startswith(".big.bin") and size > 500_000
+                       for name, size in w.temp_sizes().items())
 
         with RemotePoller(w) as poller:
             daemon = w.start_daemon()
@@ -420,9 +430,8 @@ def overwritten_mid_send(protocol: str) -> Row:
         overwritten: dict[str, bool] = {}  # name -> whether it was caught mid-send
 
         def part_size(name: str) -> int:
-            sizes = [(w.view / t).stat().st_size for t in w.temps()
-                     if t.startswith(f".{name}.") and (w.view / t).exists()]
-            return max(sizes, default=0)
+            return max((size for t, size in w.temp_sizes().items()
+                        if t.startswith(f".{name}.")), default=0)
 
         with RemotePoller(w) as poller:
             daemon = w.start_daemon()

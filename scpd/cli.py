@@ -201,7 +201,9 @@ def _retry(args: argparse.Namespace) -> int:
     try:
         n = store.retry_failed(target=args.target, rel_paths=rel_paths)
         # A running daemon sees the pause gone within seconds and tries the target again.
-        resumed = store.resume_targets(args.target)
+        # Named files alone are about those files, not about whole targets.
+        is_about_targets = bool(args.target) or not rel_paths
+        resumed = store.resume_targets(args.target) if is_about_targets else {}
     finally:
         store.close()
     print(f"{n} failed job(s) queued again")

@@ -10,7 +10,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from scpd import logs
 from scpd.config import Config, RetryPolicy, Target, remote_dir_for
@@ -66,6 +65,7 @@ class Pool:
         self.bytes_sent = 0
         self._bytes_lock = threading.Lock()
         self._gates = {name: _TargetGate() for name in config.targets}
+        self._pause_lock = threading.Lock()  # a pause in the gate and in the store, as one
         # A new pool (start, reload) tries every target afresh: the operator may have fixed it.
         store.resume_targets()
 
@@ -75,12 +75,16 @@ class Pool:
         per queued file. Returns the delay."""
         return self._gates[target.name].close(target.retry)
 
-    def pause_target(self, target: Target, error: ScpdError) -> None:
+    def pause_target(self, target: Target, error: ScpdError, attempt_started_at: float) -> None:
         """The target refused us for a reason no retry fixes (auth, host key): its jobs wait
         instead of failing one by one, and it is probed again every retry_max."""
-        probe_seconds = target.retry.max_seconds
-        self.store.pause_target(target.name, str(error))
-        if self._gates[target.name].pause(str(error), probe_seconds):
+        gate, probe_seconds = self._gates[target.name], target.retry.max_seconds
+        with self._pause_lock:
+            if gate.was_resumed_after(attempt_started_at):
+                return  # refused before an operator's fix: the next attempt tells
+            self.store.pause_target(target.name, str(error))
+            is_new = gate.pause(str(error), probe_seconds)
+        if is_new:
             logs.event(logging.ERROR, "paused",
                        "target %s paused: %s; its files wait. Fix it, then: scpd retry --target"
                        " %s (or reload scpd); until then it is tried again every %.0fs",
@@ -89,18 +93,33 @@ class Pool:
         else:
             log.warning("target %s still paused: %s", target.name, error)
 
-    def target_up(self, target: Target) -> None:
-        if self._gates[target.name].open() is not None:
-            self.store.resume_targets(target.name)
-            logs.event(logging.INFO, "resumed", "target %s works again: resumed",
-                       target.name, target=target.name)
+    def note_reached(self, target: Target, connected_at: float) -> None:
+        """Host key and login worked on a connection made at connected_at: a pause that began
+        before it is over (a connection older than the pause proves nothing)."""
+        with self._pause_lock:
+            reason = self._gates[target.name].resume(connected_after=connected_at)
+            if reason is not None:
+                self.store.resume_targets(target.name)
+        if reason is not None:
+            logs.event(logging.INFO, "resumed", "target %s works again: resumed (it was paused:"
+                       " %s)", target.name, reason, target=target.name)
+            self.wake(target.name)
 
-    def admit(self, target: Target) -> float:
-        """0 if a worker of the target may send now, else the seconds to wait."""
+    def target_up(self, target: Target) -> None:
+        self._gates[target.name].succeeded()
+
+    def admit(self, target: Target) -> tuple[float, bool]:
+        """(0 if a worker of the target may send now, else the seconds to wait; whether it goes
+        as the probe of a paused target)."""
         gate = self._gates[target.name]
-        if gate.paused_reason is not None and target.name not in self.store.paused_targets():
-            gate.open()  # `scpd retry` cleared the pause: the operator says it is fixed
-            log.info("target %s resumed by an operator", target.name)
+        if gate.paused_reason is not None:
+            with self._pause_lock:
+                # `scpd retry` cleared the pause: the operator says it is fixed.
+                reason = None if target.name in self.store.paused_targets() else gate.resume()
+            if reason is not None:
+                logs.event(logging.INFO, "resumed", "target %s resumed by an operator (it was"
+                           " paused: %s)", target.name, reason, target=target.name)
+                self.wake(target.name)
         return gate.admit()
 
     def paused_targets(self) -> dict[str, str]:
@@ -203,13 +222,15 @@ class Pool:
 class _TargetGate:
     """Whether a target's workers may go: held back after connection failures (for a delay
     that grows with consecutive failures), or paused by a refusal no retry fixes, when one
-    worker at a time probes it every `probe_seconds`."""
+    worker per probe period may try it, on a new connection."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._failures = 0
         self._closed_until = 0.0
         self.paused_reason: str | None = None
+        self._paused_at = 0.0  # time.monotonic() values
+        self._resumed_at = 0.0
         self._probe_seconds = 0.0
 
     def close(self, policy: RetryPolicy) -> float:
@@ -219,32 +240,50 @@ class _TargetGate:
             self._closed_until = max(self._closed_until, time.monotonic() + delay)
             return delay
 
+    def succeeded(self) -> None:
+        """A transfer worked: connection failures are forgotten (a pause is not)."""
+        with self._lock:
+            self._failures = 0
+            if self.paused_reason is None:
+                self._closed_until = 0.0
+
     def pause(self, reason: str, probe_seconds: float) -> bool:
         """True if this pauses the target, False if it was paused already."""
         with self._lock:
-            was_paused = self.paused_reason is not None
+            now, was_paused = time.monotonic(), self.paused_reason is not None
             self.paused_reason, self._probe_seconds = reason, probe_seconds
-            self._closed_until = time.monotonic() + probe_seconds
+            self._paused_at = self._paused_at if was_paused else now
+            self._closed_until = now + probe_seconds
             return not was_paused
 
-    def open(self) -> str | None:
-        """The target works: clear every hold. Returns the pause reason it had, if any."""
+    def resume(self, connected_after: float | None = None) -> str | None:
+        """Lift the pause; with connected_after, only if that connection was made after the
+        pause began. Returns the reason the pause had, None if none was lifted."""
         with self._lock:
+            if self.paused_reason is None or (connected_after is not None
+                                              and connected_after <= self._paused_at):
+                return None
             reason, self.paused_reason = self.paused_reason, None
+            self._resumed_at = time.monotonic()
             self._failures = 0
             self._closed_until = 0.0
             return reason
 
-    def admit(self) -> float:
-        """0 if the caller may send now, else the seconds to wait. A paused target admits one
-        caller per probe period: the probe."""
+    def was_resumed_after(self, moment: float) -> bool:
+        with self._lock:
+            return self._resumed_at > moment
+
+    def admit(self) -> tuple[float, bool]:
+        """(0 if the caller may send now, else the seconds to wait; whether it is the probe).
+        A paused target admits one caller per probe period."""
         with self._lock:
             now = time.monotonic()
             if self._closed_until > now:
-                return self._closed_until - now
-            if self.paused_reason is not None:
-                self._closed_until = now + self._probe_seconds
-            return 0.0
+                return self._closed_until - now, False
+            if self.paused_reason is None:
+                return 0.0, False
+            self._closed_until = now + self._probe_seconds
+            return 0.0, True
 
 
 class _Worker(threading.Thread):
@@ -258,7 +297,7 @@ class _Worker(threading.Thread):
     def run(self) -> None:
         store = self.pool.store
         while not self.pool.is_stopping:
-            held = self.pool.admit(self.target)
+            held, is_probe = self.pool.admit(self.target)
             if held > 0:
                 self.pool.wait_for_work(self.target.name, min(held, _IDLE_WAIT_SECONDS))
                 continue
@@ -266,6 +305,8 @@ class _Worker(threading.Thread):
             if job is None:
                 self.pool.wait_for_work(self.target.name, self._idle_seconds())
                 continue
+            if is_probe:  # a paused target is proven by a new connection, not an old one
+                self.uploader.close()
             self.uploader.progress_at = time.monotonic()
             self.job = job
             if self.pool.is_stopping:  # stop() began after the claim: leave it for next time
@@ -300,10 +341,14 @@ class _Worker(threading.Thread):
                       attempt=job.attempts + 1)
         started = time.monotonic()
         try:
-            sent = self.uploader.upload(local, remote, expected=job.version)
+            sent = self.uploader.upload(
+                local, remote, expected=job.version, stale_temp_path=job.remote_temp,
+                note_temp=lambda temp: pool.store.note_remote_temp(job, temp))
         except ScpdError as error:
-            self._record_failure(job, error, local, fields)
+            pool.note_reached(target, self.uploader.connected_at)
+            self._record_failure(job, error, fields, started)
             return None
+        pool.note_reached(target, self.uploader.connected_at)
         duration_ms = int((time.monotonic() - started) * 1000)
         pool.target_up(target)
         pool.count_bytes(sent.size)
@@ -313,7 +358,8 @@ class _Worker(threading.Thread):
                    bytes=sent.size, duration_ms=duration_ms, **fields)
         return sent if is_done else None
 
-    def _record_failure(self, job: Job, error: ScpdError, local: Path, fields: dict) -> None:
+    def _record_failure(self, job: Job, error: ScpdError, fields: dict,
+                        started_at: float) -> None:
         store, target = self.pool.store, self.target
         if isinstance(error, SourceVanished):
             store.drop(job)
@@ -323,7 +369,7 @@ class _Worker(threading.Thread):
             store.release(job)  # cut by the stop itself; the next start sends it
         elif isinstance(error, PermanentError) and error.is_target_level:
             store.release(job)  # not the file's fault: it waits for the target
-            self.pool.pause_target(target, error)
+            self.pool.pause_target(target, error, started_at)
         elif isinstance(error, FileChangedError):
             # Not sent again until it settles: the settler queues the new version, which makes
             # the job due at once; the deferral only matters if that never happens.

@@ -61,6 +61,12 @@ MIGRATIONS = [
         paused_at REAL NOT NULL
     );
     """,
+    """
+    -- The hidden remote path the latest attempt wrote to: what a crash of the remote leaves
+    -- behind, removed by the next attempt (by exact name: it may share a directory with
+    -- another sender's temporary files).
+    ALTER TABLE jobs ADD COLUMN remote_temp BLOB;
+    """,
 ]
 
 
@@ -95,6 +101,7 @@ class Job:
     generation: int
     attempts: int
     first_failure_at: float | None
+    remote_temp: str | None = None
 
 
 class Store:
@@ -182,7 +189,7 @@ class Store:
             row = db.execute(
                 f"""
                 SELECT id, watch, target, rel_path, size, mtime_ns, inode, generation,
-                       attempts, first_failure_at
+                       attempts, first_failure_at, remote_temp
                 FROM jobs WHERE target = ? AND state = 'pending' AND next_attempt_at <= ?
                   AND watch IN ({_placeholders(watches)})
                 ORDER BY next_attempt_at, id LIMIT 1
@@ -193,7 +200,14 @@ class Store:
             db.execute("UPDATE jobs SET state = 'sending' WHERE id = ?", (row[0],))
         return Job(id=row[0], watch=row[1], target=row[2], rel_path=os.fsdecode(row[3]),
                    version=FileVersion(row[4], row[5], row[6]), generation=row[7],
-                   attempts=row[8], first_failure_at=row[9])
+                   attempts=row[8], first_failure_at=row[9],
+                   remote_temp=None if row[10] is None else os.fsdecode(row[10]))
+
+    def note_remote_temp(self, job: Job, remote_temp: str) -> None:
+        """Remember where this attempt writes, before it writes anything there."""
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET remote_temp = ? WHERE id = ?",
+                       (os.fsencode(remote_temp), job.id))
 
     def mark_delivered(self, job: Job, sent: FileVersion, now: float | None = None) -> bool:
         """Record what reached the remote. True if the job is done, False if a newer version
@@ -204,7 +218,7 @@ class Store:
                 """
                 UPDATE jobs SET delivered_size = ?, delivered_mtime_ns = ?, delivered_at = ?,
                     attempts = 0, first_failure_at = NULL, last_error = NULL,
-                    next_attempt_at = 0,
+                    next_attempt_at = 0, remote_temp = NULL,  -- renamed into place
                     -- Done unless a different version was queued while this one was sent.
                     state = CASE WHEN generation = ? OR (size = ? AND mtime_ns = ?)
                                  THEN 'delivered' ELSE 'pending' END

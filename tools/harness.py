@@ -4,6 +4,7 @@ sshd, a bounded wait, and a tmpfs of the sshd's own (for a full remote disk)."""
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import time
@@ -73,5 +74,6 @@ def private_tmpfs_launcher(mount_point: Path, size: str) -> list[str]:
     """A ThrowawaySshd launcher: sshd in a mount namespace of its own, with a tmpfs of `size`
     on mount_point that the machine never sees (it vanishes with the sshd)."""
     # -n: libmount would otherwise note the mount in the machine's /run/mount/utab.
-    mount_then_exec = f'mount -n -t tmpfs -o size={size} scpd-test {mount_point} && exec "$@"'
+    mount_then_exec = (f"mount -n -t tmpfs -o size={shlex.quote(size)} scpd-test"
+                       f' {shlex.quote(str(mount_point))} && exec "$@"')
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", mount_then_exec, "sh"]

@@ -8,10 +8,14 @@ import os
 import secrets
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from scpd.errors import FileChangedError, LocalBusyError, LocalReadError, SourceVanished
 from scpd.fileversion import FileVersion
+
+if TYPE_CHECKING:
+    from scpd.transport.ssh import SshConnection
 
 _NAME_MAX_BYTES = 255
 # A conflicting lease (Samba oplocks, knfsd), or out of file descriptors: try again later.
@@ -26,11 +30,22 @@ class Uploader(ABC):
     #: time.monotonic() of the last sign of life of the transfer in progress (a stall guard
     #: closes the connection when it gets too old: some paramiko waits have no timeout).
     progress_at: float = 0.0
+    #: Each uploader has its own connection.
+    connection: SshConnection
+
+    @property
+    def connected_at(self) -> float:
+        """time.monotonic() when its connection last got through host key and login."""
+        return self.connection.connected_at
 
     @abstractmethod
     def upload(self, local_path: str | os.PathLike[str], remote_path: str,
-               expected: FileVersion | None = None) -> FileVersion:
-        """expected: send only this version (size, mtime) of the file."""
+               expected: FileVersion | None = None, *, stale_temp_path: str | None = None,
+               note_temp: Callable[[str], None] | None = None) -> FileVersion:
+        """expected: send only this version (size, mtime) of the file. stale_temp_path: where
+        an earlier attempt at this file wrote; a crash of the remote may have left it there,
+        and it is removed first. note_temp(path) is told where this attempt will write, once
+        connected, before anything is written there."""
 
     @abstractmethod
     def close(self) -> None:
@@ -39,10 +54,6 @@ class Uploader(ABC):
     @abstractmethod
     def retire(self) -> None:
         """Drop the connection for good: a later upload fails instead of reconnecting."""
-
-
-_TEMP_TAIL = ".scpd-part"
-TEMP_TOKEN_CHARS = 8  # hex digits of the per-attempt token
 
 
 def temp_name(final_name: str, *, is_per_attempt: bool) -> str:
@@ -54,19 +65,12 @@ def temp_name(final_name: str, *, is_per_attempt: bool) -> str:
     SFTP does nothing the client does not ask for, so it reuses one name, which the next
     attempt replaces: nothing stale is left behind by a cut.
     """
-    head, tail = temp_name_parts(final_name, is_per_attempt=is_per_attempt)
-    token = f".{secrets.token_hex(TEMP_TOKEN_CHARS // 2)}" if is_per_attempt else ""
-    return head + token + tail
-
-
-def temp_name_parts(final_name: str, *, is_per_attempt: bool) -> tuple[str, str]:
-    """(head, tail) of the temporary names of a file: head + [".TOKEN"] + tail. What a crash
-    of the remote leaves behind matches them, and the next attempt removes it."""
-    head = f".{final_name}"
-    token_bytes = 1 + TEMP_TOKEN_CHARS if is_per_attempt else 0
-    if len(os.fsencode(head)) + token_bytes + len(_TEMP_TAIL) > _NAME_MAX_BYTES:
-        head = "." + hashlib.sha256(os.fsencode(final_name)).hexdigest()[:32]
-    return head, _TEMP_TAIL
+    token = f".{secrets.token_hex(4)}" if is_per_attempt else ""
+    name = f".{final_name}{token}.scpd-part"
+    if len(os.fsencode(name)) <= _NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha256(os.fsencode(final_name)).hexdigest()[:32]
+    return f".{digest}{token}.scpd-part"
 
 
 class LocalFile:

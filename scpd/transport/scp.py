@@ -2,11 +2,12 @@
 
 One remote command per file, its exit status checked:
 
-    { mkdir -p -- DIR && { rm -f -- STALE 2>/dev/null; scp -p -t -- TMP; } &&
-      read -r go && [ "$go" = publish ] && mv -f -- TMP FINAL; } || { rm -f -- TMP; exit 1; }
+    { mkdir -p -- DIR && { rm -f -- STALE || :; } && scp -p -t -- TMP && read -r go &&
+      [ "$go" = publish ] && mv -f -- TMP FINAL; } || { rm -f -- TMP; exit 1; }
 
-(with a guard that refuses to mv onto a directory named FINAL). STALE is a glob of the
-temporary names of earlier attempts at this file: a crash of the remote leaves them behind.
+(with a guard that refuses to mv onto a directory named FINAL). STALE is the temporary file
+of the previous attempt at this file, which a crash of the remote leaves behind; the queue
+remembers its name.
 
 Once this client has seen the whole file acknowledged it ends the scp with an `E` record
 (the sink reads its input a byte at a time, so nothing more is consumed) and sends `publish`.
@@ -25,6 +26,7 @@ import os
 import posixpath
 import shlex
 import time
+from collections.abc import Callable
 
 import paramiko
 
@@ -37,7 +39,7 @@ from scpd.errors import (
     classify_remote_message,
 )
 from scpd.fileversion import FileVersion
-from scpd.transport.base import TEMP_TOKEN_CHARS, LocalFile, Uploader, temp_name, temp_name_parts
+from scpd.transport.base import LocalFile, Uploader, temp_name
 from scpd.transport.ssh import SshConnection
 from scpd.transport.throttle import Throttle
 
@@ -58,11 +60,12 @@ class ScpUploader(Uploader):
         self.connection.retire()
 
     def upload(self, local_path: str | os.PathLike[str], remote_path: str,
-               expected: FileVersion | None = None) -> FileVersion:
+               expected: FileVersion | None = None, *, stale_temp_path: str | None = None,
+               note_temp: Callable[[str], None] | None = None) -> FileVersion:
         self.progress_at = time.monotonic()
         with LocalFile(local_path, expected) as local:
             try:
-                return self._send(local, remote_path)
+                return self._send(local, remote_path, stale_temp_path, note_temp)
             except (OSError, EOFError, paramiko.SSHException) as exc:
                 self.connection.close()  # a half-dead connection is rebuilt, not reused
                 raise classify(exc) from None
@@ -70,16 +73,18 @@ class ScpUploader(Uploader):
                 self.connection.close()
                 raise
 
-    def _send(self, local: LocalFile, remote_path: str) -> FileVersion:
+    def _send(self, local: LocalFile, final: str, stale: str | None,
+              note_temp: Callable[[str], None] | None) -> FileVersion:
         target = self.target
-        final = remote_path
         tmp = posixpath.join(posixpath.dirname(final),
                              temp_name(posixpath.basename(final), is_per_attempt=True))
         transport = self.connection.transport()
+        if note_temp is not None:
+            note_temp(tmp)
         channel = transport.open_session(timeout=target.connect_timeout_seconds)
         try:
             channel.settimeout(target.io_timeout_seconds)
-            channel.exec_command(os.fsencode(self._receive_command(final, tmp)))
+            channel.exec_command(os.fsencode(self._receive_command(final, tmp, stale)))
             self._expect_ack(channel)
             version = local.version
             if target.preserve_times:
@@ -108,22 +113,17 @@ class ScpUploader(Uploader):
         finally:
             channel.close()
 
-    def _receive_command(self, final: str, tmp: str) -> str:
+    def _receive_command(self, final: str, tmp: str, stale: str | None) -> str:
         q = shlex.quote
         flags = "-p " if (self.target.preserve_times or self.target.preserve_mode) else ""
         directory = posixpath.dirname(final) or "."
-        # The quoted parts of a glob match literally, whatever the file name holds.
-        head, tail = temp_name_parts(posixpath.basename(final), is_per_attempt=True)
-        stale = q(posixpath.join(directory, head)) + "." + "?" * TEMP_TOKEN_CHARS + q(tail)
+        # Best effort: a stale file that cannot be removed must not stop this attempt.
+        clear_stale = (f" {{ rm -f -- {q(stale)} 2>/dev/null || :; }} &&"
+                       if stale and stale != tmp else "")
         # mv onto an existing directory would move the file inside it: refuse that instead.
-        # A temp file gone before its rename was cleared by another session sending the same
-        # remote path (two watches mapping one file to one place): retried, not failed.
         publish = (f"if [ -d {q(final)} ]; then printf 'scpd: %s: Is a directory\\n' {q(final)}"
-                   f" >&2; false; elif [ ! -f {q(tmp)} ]; then"
-                   f" echo 'scpd: the temporary file vanished before its rename' >&2; false;"
-                   f" else mv -f -- {q(tmp)} {q(final)}; fi")
-        return (f"{{ mkdir -p -- {q(directory)} &&"
-                f" {{ rm -f -- {stale} 2>/dev/null; scp {flags}-t -- {q(tmp)}; }} &&"
+                   f" >&2; false; else mv -f -- {q(tmp)} {q(final)}; fi")
+        return (f"{{ mkdir -p -- {q(directory)} &&{clear_stale} scp {flags}-t -- {q(tmp)} &&"
                 f' IFS= read -r go && [ "$go" = publish ] && {publish}; }}'
                 f" || {{ rm -f -- {q(tmp)}; exit 1; }}")
 

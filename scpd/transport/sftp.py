@@ -47,15 +47,20 @@ class SftpUploader(Uploader):
         self.connection.retire()
 
     def upload(self, local_path: str | os.PathLike[str], remote_path: str,
-               expected: FileVersion | None = None) -> FileVersion:
+               expected: FileVersion | None = None, *, stale_temp_path: str | None = None,
+               note_temp: Callable[[str], None] | None = None) -> FileVersion:
         self.progress_at = time.monotonic()
         with LocalFile(local_path, expected) as local:
             sftp = self.client()
+            tmp_text = posixpath.join(posixpath.dirname(remote_path), temp_name(
+                posixpath.basename(remote_path), is_per_attempt=False))
             # paramiko encodes str paths as strict UTF-8; bytes carry any file name.
-            final = os.fsencode(remote_path)
-            tmp = posixpath.join(posixpath.dirname(final),
-                                 os.fsencode(temp_name(os.fsdecode(posixpath.basename(final)),
-                                                       is_per_attempt=False)))
+            final, tmp = os.fsencode(remote_path), os.fsencode(tmp_text)
+            if stale_temp_path != tmp_text:
+                if note_temp is not None:
+                    note_temp(tmp_text)
+                if stale_temp_path is not None:
+                    self._remove_quietly(sftp, os.fsencode(stale_temp_path))
             try:
                 self.makedirs(sftp, posixpath.dirname(final))
                 self._write(sftp, local, tmp)

@@ -8,6 +8,7 @@ import socket
 import struct
 import termios
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,6 +142,8 @@ class SshConnection:
         self._client: paramiko.SSHClient | None = None
         self._sock: socket.socket | None = None  # so close() can cut a connect in progress
         self._is_retired = False
+        #: time.monotonic() when a connection last got through host key and login (0: never).
+        self.connected_at = 0.0
 
     def transport(self) -> paramiko.Transport:
         if self._is_retired:
@@ -152,6 +155,7 @@ class SshConnection:
                 return active
             self.close()
         client = self._client = self._connect()
+        self.connected_at = time.monotonic()
         transport = client.get_transport()
         if transport is None:
             raise TransferInterrupted("connection closed while it was opened")

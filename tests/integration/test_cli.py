@@ -166,6 +166,10 @@ def test_a_refused_host_key_pauses_the_target_and_status_and_retry_say_so(
     assert "not found in known_hosts" in status["last_error"]
     assert "PAUSED since" in text_status and "scpd retry --target local" in text_status
 
+    retried_file = setup.scpd("retry", str(setup.watch_dir / "a.txt"))  # about files only
+    assert "resumed" not in retried_file.stdout
+    assert json.loads(setup.scpd("status", "--json").stdout)["targets"]["local"]["paused"]
+
     known_hosts.write_text(good_keys)
     retried = setup.scpd("retry", "--target", "local")
     status = json.loads(setup.scpd("status", "--json").stdout)["targets"]["local"]

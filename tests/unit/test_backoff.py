@@ -61,34 +61,3 @@ def test_backoff_jitter_spreads_jobs_that_failed_together() -> None:
     assert all(8.0 <= w <= 16.0 for w in waits)
     assert max(waits) - min(waits) > 6.0  # not in lockstep
 
-
-def test_target_gate_paused_admits_one_probe_per_period(monkeypatch) -> None:
-    from scpd import pool
-
-    clock = [1000.0]
-    monkeypatch.setattr(pool.time, "monotonic", lambda: clock[0])
-    gate = pool._TargetGate()
-
-    assert gate.admit() == 0.0
-    assert gate.pause("authentication failed", probe_seconds=60.0) is True
-    assert gate.pause("authentication failed", probe_seconds=60.0) is False  # said once
-    assert gate.admit() == 60.0
-    clock[0] += 60.0
-    assert gate.admit() == 0.0  # the probe
-    assert gate.admit() == 60.0  # every other worker waits for the probe's outcome
-    assert gate.open() == "authentication failed"
-    assert gate.admit() == 0.0 and gate.paused_reason is None
-
-
-def test_target_gate_connection_failures_hold_back_then_open(monkeypatch) -> None:
-    from scpd import pool
-
-    clock = [1000.0]
-    monkeypatch.setattr(pool.time, "monotonic", lambda: clock[0])
-    gate = pool._TargetGate()
-
-    delay = gate.close(POLICY)
-    assert 0.5 <= delay <= 1.0 and gate.admit() == pytest.approx(delay)
-    clock[0] += delay
-    assert gate.admit() == 0.0 and gate.admit() == 0.0  # not paused: every worker may go
-    assert gate.open() is None

@@ -103,8 +103,6 @@ def test_classify_does_not_disguise_a_programming_error_as_a_network_fault() -> 
     ("scp: /srv/x: Not a directory", RemotePathError),
     ("bash: line 1: scp: command not found", RemotePathError),
     ("This service allows sftp connections only.", RemotePathError),
-    # scp.py's publish step: another session cleared the temp file; the retry sends again.
-    ("scpd: the temporary file vanished before its rename", TransferInterrupted),
 ])
 def test_classify_remote_message_sorts_what_the_remote_printed(
         message: str, kind: type[ScpdError]) -> None:

@@ -436,3 +436,18 @@ def test_store_migrates_a_first_schema_database_keeping_its_jobs(state_dir: Path
         assert "offsite" in store.paused_targets()
     finally:
         store.close()
+
+
+def test_store_remembers_the_remote_temp_of_an_attempt_until_delivery(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    first = store.claim("offsite", WATCHES, now=T0)
+    assert first.remote_temp is None
+    store.note_remote_temp(first, "/in/.a.pdf.0badf00d.scpd-part")
+    store.mark_retry(first, "connection lost", next_attempt_at=T0, now=T0)
+
+    second = store.claim("offsite", WATCHES, now=T0)
+    assert second.remote_temp == "/in/.a.pdf.0badf00d.scpd-part"  # for the retry to remove
+    store.mark_delivered(second, V1, now=T0)
+    store.enqueue("reports", "offsite", "a.pdf", V2, now=T0 + 1)
+
+    assert store.claim("offsite", WATCHES, now=T0 + 1).remote_temp is None
