@@ -95,11 +95,10 @@ class Daemon:
         counts = self.store.counts(self._watch_names())
         failed = sum(c[JobState.FAILED] for c in counts.values())
         owed = self._owed_count(counts) + len(self.settler)
-        paused = {name: reason for name, reason in self.pool.paused_targets().items()
-                  if self._owed_count(counts, only=name)}
-        for name, reason in paused.items():
-            log.error("target %s is paused (%s): %d file(s) not sent", name, reason,
-                      self._owed_count(counts, only=name))
+        paused = {name: (reason, n) for name, reason in self.pool.paused_targets().items()
+                  if (n := self._owed_count(counts, only=name))}
+        for name, (reason, n) in paused.items():
+            log.error("target %s is paused (%s): %d file(s) not sent", name, reason, n)
         if failed:
             log.error("%d file(s) failed for good; see the errors above, then: scpd retry",
                       failed)

@@ -345,10 +345,10 @@ class _Worker(threading.Thread):
                 local, remote, expected=job.version, stale_temp_path=job.remote_temp,
                 note_temp=lambda temp: pool.store.note_remote_temp(job, temp))
         except ScpdError as error:
-            pool.note_reached(target, self.uploader.connected_at)
             self._record_failure(job, error, fields, started)
             return None
-        pool.note_reached(target, self.uploader.connected_at)
+        finally:  # whatever became of the file, a connection made since a pause ends it
+            pool.note_reached(target, self.uploader.connected_at)
         duration_ms = int((time.monotonic() - started) * 1000)
         pool.target_up(target)
         pool.count_bytes(sent.size)

@@ -8,15 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import sha256, wait_until, write_config
+from conftest import sha256, temp_files, wait_until, write_config
 
 from tools.sshd import ThrowawaySshd
 
 MiB = 1024 * 1024
 
 
-def temp_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".scpd-part"))
 
 
 @pytest.fixture
@@ -36,33 +34,38 @@ def test_temporary_file_left_by_a_remote_crash_is_cleared_by_the_next_attempt(
     s = write_config(tmp_path, own_sshd, known_hosts, remote_dir,
                      target_extra=f'protocol = "{protocol}"\nconnections = 1\n'
                                   'bandwidth_limit = "1MiB/s"')
-    local = s.watch_dir / "big.bin"
+    # A hostile name: the removal of its stale temporary file is as much data as the send.
+    marker = "scpd-remote-crash-test-ran-shell"
+    name = f"-big $(touch {marker}); 'q' *.bin"
+    local = s.watch_dir / name
     local.write_bytes(os.urandom(3 * MiB))
     # Another file's leftovers and an operator's hidden file: not this file's to remove.
     neighbour = remote_dir / ".other.bin.0badf00d.scpd-part"
     neighbour.write_bytes(b"x")
-    keep = remote_dir / ".big.bin.keep"
+    keep = remote_dir / f".{name}.keep"
     keep.write_bytes(b"y")
 
-    def partial_temp() -> bool:
-        temps = [remote_dir / n for n in temp_files(remote_dir) if n.startswith(".big.bin")]
-        return any(p.stat().st_size > 500_000 for p in temps)
+    def own_temps() -> list[Path]:
+        return [p for p in temp_files(remote_dir) if p.name.startswith(f".{name}")]
 
     daemon = s.start_daemon()
     try:
-        assert wait_until(partial_temp, 10.0), daemon.log()
+        assert wait_until(lambda: any(p.stat().st_size > 500_000 for p in own_temps()),
+                          10.0), daemon.log()
         own_sshd.crash()
-        left_by_crash = [n for n in temp_files(remote_dir) if n.startswith(".big.bin")]
+        left_by_crash = own_temps()
         assert daemon.wait_for_log("retrying in", 10.0), daemon.log()
         own_sshd.start()
-        landed = wait_until(lambda: (remote_dir / "big.bin").is_file(), 15.0)
+        landed = wait_until(lambda: (remote_dir / name).is_file(), 15.0)
     finally:
         returncode = daemon.stop()
 
     assert len(left_by_crash) == 1, "the crash should have left the partial file behind"
     assert landed, daemon.log()
-    assert sha256(remote_dir / "big.bin") == sha256(local)
-    assert temp_files(remote_dir) == [neighbour.name]
+    assert sha256(remote_dir / name) == sha256(local)
+    assert temp_files(remote_dir) == [neighbour]
     assert keep.read_bytes() == b"y"
+    # The remote commands run in the login's home directory, where `touch` would have landed.
+    assert not (Path.home() / marker).exists(), "a file name ran as shell"
     assert returncode == 0, daemon.log()
     assert "Traceback" not in daemon.log()

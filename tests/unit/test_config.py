@@ -83,6 +83,15 @@ class ConfigFiles:
     def watch(self) -> dict[str, Any]:
         return self.raw["watch"][0]
 
+    def use_password_file(self, mode: int) -> Path:
+        """The target logs in with a password file of this mode instead of the key."""
+        password = self.root / "password"
+        password.write_text("hunter2\n")
+        password.chmod(mode)
+        del self.target["identity_file"]
+        self.target["password_file"] = str(password)
+        return password
+
     def write(self) -> Path:
         self.path.write_text(to_toml(self.raw) + "\n", encoding="utf-8")
         return self.path
@@ -241,11 +250,7 @@ def test_config_give_up_after_never_means_retry_forever(cfg: ConfigFiles) -> Non
 
 
 def test_config_accepts_a_password_file_instead_of_an_identity_file(cfg: ConfigFiles) -> None:
-    password = cfg.root / "password"
-    password.write_text("hunter2\n")
-    password.chmod(0o600)
-    del cfg.target["identity_file"]
-    cfg.target["password_file"] = str(password)
+    password = cfg.use_password_file(0o600)
 
     target = cfg.load().targets["offsite"]
 
@@ -377,11 +382,7 @@ def test_config_rejects_an_identity_file_others_can_read(cfg: ConfigFiles, mode:
 
 
 def test_config_rejects_a_password_file_others_can_read(cfg: ConfigFiles) -> None:
-    password = cfg.root / "password"
-    password.write_text("hunter2\n")
-    password.chmod(0o644)
-    del cfg.target["identity_file"]
-    cfg.target["password_file"] = str(password)
+    cfg.use_password_file(0o644)
 
     error = cfg.error("targets.offsite.password_file")
 
