@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test venv lint demo bench fault-matrix clean
+.PHONY: test venv lint demo bench bench-scan fault-matrix clean
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -28,9 +28,12 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python tools/demo.py
 
-bench: $(STAMP)
+bench: bench-scan
 	@if [ -f bench/run.py ]; then $(VENV)/bin/python bench/run.py; \
-	else echo "bench: bench/run.py is not written yet"; fi
+	else echo "bench: bench/run.py (transfers against OpenSSH scp) is not written yet"; fi
+
+bench-scan: $(STAMP)
+	$(VENV)/bin/python bench/scan.py
 
 fault-matrix: $(STAMP)
 	$(VENV)/bin/python bench/fault_matrix.py

@@ -149,6 +149,10 @@ def _check(args: argparse.Namespace) -> int:
     if problems:
         raise ConfigErrors(problems)
     print(f"config {cfg.path}: ok ({len(cfg.watches)} watch(es), {len(cfg.targets)} target(s))")
+    for watch in cfg.watches:
+        if not watch.path.exists():
+            print(f"watch {watch.name}: note: {watch.path} does not exist yet; scpd will watch it"
+                  " once it appears")
     if args.offline:
         return 0
     unusable = 0

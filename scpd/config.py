@@ -92,6 +92,10 @@ class Watch:
     settle_seconds: float = 2.0
     on_success: str = "keep"
     archive_dir: Path | None = None
+    follow_symlinks: bool = False
+    poll: bool = False                     # for NFS/CIFS, where inotify sees no remote writes
+    poll_interval_seconds: float = 5.0
+    rescan_interval_seconds: float = 600.0  # the safety net under the event stream
 
 
 @dataclass(frozen=True)
@@ -300,7 +304,8 @@ class _Reader:
             kp = f"watch.{raw['name']}"  # once it has a name, problems are reported under it
         w = self.table(raw, kp, {
             "name", "path", "targets", "recursive", "include", "exclude", "default_excludes",
-            "settle", "on_success", "archive_dir"})
+            "settle", "on_success", "archive_dir", "follow_symlinks", "poll", "poll_interval",
+            "rescan_interval"})
         name = self.get(w, "name", f"watch[{index}]", str, f"watch{index}", required=True)
         path = self.local_path(w, "path", kp, required=True)
         if path is not None:
@@ -337,6 +342,11 @@ class _Reader:
             settle_seconds=self.parsed(w, "settle", kp, parse_duration, 2.0),
             on_success=on_success,
             archive_dir=archive_dir,
+            follow_symlinks=self.get(w, "follow_symlinks", kp, bool, False),
+            poll=self.get(w, "poll", kp, bool, False),
+            poll_interval_seconds=self.parsed(w, "poll_interval", kp, _positive_duration, 5.0),
+            rescan_interval_seconds=self.parsed(w, "rescan_interval", kp, _positive_duration,
+                                                600.0),
         )
 
     # -- cross-field and file-system rules -------------------------------------------------
@@ -402,10 +412,14 @@ class _Reader:
                                     " @cert-authority are not supported; remove the line")
 
     def check_watch_dir(self, key_path: str, path: Path) -> None:
+        # A missing directory is not an error: scpd warns and starts watching when it appears
+        # (a mount not up yet, a directory another service creates).
         if not path.is_absolute():
             self.fail(key_path, f"must be an absolute path, got {_show(str(path))}")
+        elif not path.exists():
+            return
         elif not path.is_dir():
-            self.fail(key_path, f"directory not found: {path}")
+            self.fail(key_path, f"not a directory: {path}")
         elif not os.access(path, os.R_OK | os.X_OK):
             self.fail(key_path, f"{path} is not readable by this user")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -13,16 +12,17 @@ from dataclasses import dataclass
 from scpd import config as config_module
 from scpd import logs, sdnotify
 from scpd.config import Config, Watch
-from scpd.errors import ScpdError
 from scpd.pool import Pool
-from scpd.settle import Settler
+from scpd.scanner import Rescanner, Scanner
+from scpd.settle import ReadyFile, Settler
 from scpd.store import JobState, Store, lock_state_dir
 from scpd.transport import Credentials, load_credentials
-from scpd.watcher import Watcher, scan
+from scpd.watcher import Watcher
 
 log = logging.getLogger("scpd.daemon")
 
 _TICK_SECONDS = 0.1
+_ROOT_CHECK_SECONDS = 1.0  # how soon a watch root that appears, or is replaced, is watched
 _STOP_GRACE_SECONDS = 5.0  # in-flight uploads may finish; the unit allows 10 s in all
 
 EXIT_OK = 0
@@ -45,8 +45,11 @@ class Daemon:
         self.store = Store.open(config.state_dir)
         self.credentials = _load_all_credentials(config)
         self.settler = Settler()
+        self.scanner = Scanner(self.store, self.settler, self._queue_found)
         self.pool = Pool(config, self.store, self.credentials, self._renote)
         self.watcher: Watcher | None = None
+        self.rescanner: Rescanner | None = None
+        self._next_rescan_at: dict[str, float] = {}
         self.flags = _Flags()
         self._workers_ended = True
         self._rate_sample = (time.monotonic(), 0)  # (when, pool.bytes_sent) for the rate
@@ -75,7 +78,12 @@ class Daemon:
         self._install_signal_handlers()
         self.store.requeue_interrupted()
         self.store.make_all_due()  # an explicit request ignores saved backoff
-        self._scan_all()
+        for watch in self.config.watches:
+            if watch.path.is_dir():
+                self.scanner.scan(watch)
+            else:
+                log.warning("watch %s: %s does not exist; nothing to send from it",
+                            watch.name, watch.path)
         self.pool.start()
         deadline = time.monotonic() + timeout_seconds
         while self.flags.stop_requests == 0 and time.monotonic() < deadline:
@@ -114,7 +122,7 @@ class Daemon:
 
     def _main_loop(self) -> None:
         ping_every = sdnotify.watchdog_interval_seconds()
-        next_ping = next_status = 0.0
+        next_ping = next_status = next_root_check = 0.0
         while not self.flags.stop_requests:
             self._enqueue_ready()
             self.pool.cut_stalled()
@@ -122,6 +130,10 @@ class Daemon:
                 self.flags.should_reload = False
                 self._reload()
             now = time.monotonic()
+            if now >= next_root_check and self.watcher is not None:
+                self.watcher.check_roots()
+                self._request_due_rescans(now)
+                next_root_check = now + _ROOT_CHECK_SECONDS
             if ping_every and now >= next_ping and self._is_healthy():
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = now + ping_every
@@ -131,43 +143,79 @@ class Daemon:
             time.sleep(_TICK_SECONDS)
 
     def _enqueue_ready(self) -> None:
-        for ready in self.settler.take_ready():
-            watch = self.config.watch(ready.watch)
-            queued = False
-            for target in watch.targets:
-                if self.store.enqueue(watch.name, target, ready.rel_path, ready.version):
-                    queued = True
-                    logs.event(logging.INFO, "queued", "queued %s for %s", ready.rel_path,
-                               target, watch=watch.name, target=target, path=ready.path,
-                               bytes=ready.version.size)
-                    self.pool.wake(target)
-            if not queued:
+        ready = self.settler.take_ready()
+        if ready:
+            self._queue_ready(ready)
+
+    def _queue_found(self, ready_files: list[ReadyFile]) -> None:
+        # A scan reports its count at info level; a line per file would be 100,000 lines.
+        self._queue_ready(ready_files, log_level=logging.DEBUG)
+
+    def _queue_ready(self, ready_files: list[ReadyFile], log_level: int = logging.INFO) -> None:
+        """Into the queue, one transaction for the lot (from the main loop and from scans)."""
+        config = self.config
+        items = [(ready, target) for ready in ready_files
+                 for target in config.watch(ready.watch).targets]
+        queued = self.store.enqueue_many(
+            [(ready.watch, target, ready.rel_path, ready.version) for ready, target in items])
+        queued_files, woken_targets = set(), set()
+        for (ready, target), is_queued in zip(items, queued, strict=True):
+            if is_queued:
+                queued_files.add(ready)
+                woken_targets.add(target)
+                logs.event(log_level, "queued", "queued %s for %s", ready.rel_path,
+                           target, watch=ready.watch, target=target, path=ready.path,
+                           bytes=ready.version.size)
+        for target in woken_targets:
+            self.pool.wake(target)
+        for ready in ready_files:
+            if ready not in queued_files:
                 # Delivered everywhere before a crash cut short its on_success action.
-                self.pool.after_delivery(watch.name, ready.rel_path, ready.version)
+                self.pool.after_delivery(ready.watch, ready.rel_path, ready.version)
 
     def _renote(self, watch_name: str, rel_path: str) -> None:
         watch = self.config.watch(watch_name)
         self._note(watch, str(watch.path / rel_path), rel_path, False)
 
     def _note(self, watch: Watch, path: str, rel_path: str, is_closed: bool) -> None:
-        self.settler.note(watch.name, path, rel_path, watch.settle_seconds, is_closed=is_closed)
-
-    def _scan_all(self) -> None:
-        for watch in self.config.watches:
-            for path, rel_path in scan(watch):
-                self._note(watch, path, rel_path, False)
+        self.settler.note(watch.name, path, rel_path, watch.settle_seconds, is_closed=is_closed,
+                          follow_symlinks=watch.follow_symlinks)
 
     def _start_watching(self) -> None:
         # Watch first, then scan: a file written in between is seen by one or the other.
-        try:
-            self.watcher = Watcher(self.config.watches, self._note, self.settler.forget)
-            self.watcher.start()
-        except OSError as exc:
-            where = f" {exc.filename}" if exc.filename else ""
-            hint = " (raise fs.inotify.max_user_watches or max_user_instances)" if exc.errno in (
-                errno.ENOSPC, errno.EMFILE) else ""
-            raise ScpdError(f"cannot watch{where}: {exc.strerror or exc}{hint}") from None
-        self._scan_all()
+        self.rescanner = Rescanner(self.scanner, self.config.watch, self._after_full_scan)
+        self.rescanner.start()
+        self.watcher = Watcher(self.config.watches, self._note, self.settler.forget,
+                               self._request_rescan)
+        self.watcher.start()
+        if not self.watcher.wait_until_watching(timeout=60):
+            log.warning("inotify watches are still being added; scanning meanwhile")
+        now = time.monotonic()
+        for watch in self.config.watches:
+            self._request_rescan(watch.name, "start-up", None)
+            self._next_rescan_at[watch.name] = now + watch.rescan_interval_seconds
+
+    def _stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.rescanner is not None:
+            self.rescanner.stop()
+
+    def _request_rescan(self, watch_name: str, reason: str, start_dir: str | None) -> None:
+        if self.rescanner is not None:
+            self.rescanner.request(watch_name, reason, start_dir)
+
+    def _request_due_rescans(self, now: float) -> None:
+        """The periodic scan: the last safety net under the event stream."""
+        for watch in self.config.watches:
+            if now >= self._next_rescan_at.get(watch.name, 0.0):
+                self._request_rescan(watch.name, "periodic", None)
+                self._next_rescan_at[watch.name] = now + watch.rescan_interval_seconds
+
+    def _after_full_scan(self, watch_name: str,
+                         directory_ids: dict[tuple[int, int], str]) -> None:
+        if self.watcher is not None:
+            self.watcher.check_coverage(watch_name, directory_ids)
 
     def _reload(self) -> None:
         now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -182,11 +230,11 @@ class Daemon:
             log.error("reload failed, keeping the running config: %s", exc)
             sdnotify.notify("READY=1")
             return
-        if self.watcher is not None:
-            self.watcher.stop()
+        self._stop_watching()
         self.pool.stop(_STOP_GRACE_SECONDS)
         self.config, self.credentials = new_config, credentials
         self.settler = Settler()
+        self.scanner = Scanner(self.store, self.settler, self._queue_found)
         self.pool = Pool(new_config, self.store, credentials, self._renote)
         self._rate_sample = (time.monotonic(), 0)
         self._start_watching()
@@ -195,8 +243,7 @@ class Daemon:
         sdnotify.notify(f"READY=1\nSTATUS={self._status_line()}")
 
     def _shutdown(self, grace_seconds: float) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
+        self._stop_watching()
         # A second SIGTERM or SIGINT cuts the grace period short.
         self._workers_ended = self.pool.stop(grace_seconds,
                                              lambda: self.flags.stop_requests > 1)
@@ -233,7 +280,9 @@ class Daemon:
                 + (f", {paused} target(s) paused" if paused else ""))
 
     def _is_healthy(self) -> bool:
-        return self.pool.is_healthy() and (self.watcher is None or self.watcher.is_alive())
+        return (self.pool.is_healthy()
+                and (self.watcher is None or self.watcher.is_alive())
+                and (self.rescanner is None or self.rescanner.is_alive()))
 
     def _install_signal_handlers(self) -> None:
         def on_stop(signum, frame):

@@ -69,8 +69,11 @@ def event(level: int, name: str, message: str, *args: object, **fields: object) 
 
     fields: watch, target, path, remote_path, bytes, duration_ms, attempt, error.
     """
+    logger = logging.getLogger(f"scpd.{name}")
+    if not logger.isEnabledFor(level):
+        return  # a scan may queue 100,000 files: skip building fields nobody reads
     extra = {"SCPD_EVENT": name}
     for key, value in fields.items():
         if value is not None:
             extra[f"SCPD_{key.upper()}"] = value
-    logging.getLogger(f"scpd.{name}").log(level, message, *args, extra=extra)
+    logger.log(level, message, *args, extra=extra)

@@ -200,8 +200,9 @@ class Pool:
                 return
             source = watch.path / rel_path
             try:
-                if FileVersion.of(os.lstat(source)) != version or \
-                        is_open_for_write_elsewhere(str(source)):
+                real = os.path.realpath(source) if watch.follow_symlinks else source
+                if FileVersion.of(os.stat(real, follow_symlinks=False)) != version or \
+                        is_open_for_write_elsewhere(str(real)):
                     return  # being changed: the new version is on its way
                 if watch.on_success == "delete":
                     source.unlink()
@@ -340,9 +341,11 @@ class _Worker(threading.Thread):
         fields = dict(watch=watch.name, target=target.name, path=str(local), remote_path=remote,
                       attempt=job.attempts + 1)
         started = time.monotonic()
+        # A followed link is read through its target: the transport never follows links.
+        source = os.path.realpath(local) if watch.follow_symlinks else local
         try:
             sent = self.uploader.upload(
-                local, remote, expected=job.version, stale_temp_path=job.remote_temp,
+                source, remote, expected=job.version, stale_temp_path=job.remote_temp,
                 note_temp=lambda temp: pool.store.note_remote_temp(job, temp))
         except ScpdError as error:
             self._record_failure(job, error, fields, started)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
+import itertools
 import os
 import stat
 import threading
@@ -43,22 +45,31 @@ def is_open_for_write_elsewhere(path: str) -> bool:
         os.close(fd)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Candidate:
     watch: str
     rel_path: str
     settle_seconds: float
     is_closed: bool
+    follow_symlinks: bool = False
     version: FileVersion | None = None
     changed_at: float = 0.0
+    due_at: float = 0.0  # when to look at it next
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ReadyFile:
     watch: str
     path: str
     rel_path: str
     version: FileVersion
+
+
+_Key = tuple[str, str]  # (watch, path): a file under two overlapping watches is owed to both
+
+# A file is looked at when it is due, not on every tick: with 100,000 young files noticed at
+# once, a tick must not stat them all.
+_MAX_LOOKS_PER_TAKE = 2000
 
 
 class Settler:
@@ -67,24 +78,43 @@ class Settler:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time,
                  lstat: Callable[[str], os.stat_result] = os.lstat,
+                 stat_followed: Callable[[str], os.stat_result] = os.stat,
                  is_being_written: Callable[[str], bool] = is_open_for_write_elsewhere):
         self._clock = clock
         self._wall_clock = wall_clock
         self._lstat = lstat
+        self._stat_followed = stat_followed
         self._is_being_written = is_being_written
         self._lock = threading.Lock()
-        # Keyed by (watch, path): a file under two overlapping watches is owed to both.
-        self._candidates: dict[tuple[str, str], _Candidate] = {}
+        self._candidates: dict[_Key, _Candidate] = {}
+        self._due: list[tuple[float, int, _Key]] = []  # heap; stale entries are skipped
+        self._order = itertools.count()
 
     def note(self, watch: str, path: str, rel_path: str, settle_seconds: float,
-             *, is_closed: bool = False) -> None:
+             *, is_closed: bool = False, follow_symlinks: bool = False) -> None:
+        now = self._clock()
         with self._lock:
             candidate = self._candidates.get((watch, path))
             if candidate is None:
-                self._candidates[watch, path] = _Candidate(watch, rel_path, settle_seconds,
-                                                           is_closed)
-            else:
-                candidate.is_closed = candidate.is_closed or is_closed
+                self._candidates[watch, path] = _Candidate(
+                    watch, rel_path, settle_seconds, is_closed, follow_symlinks, due_at=now)
+                self._push(now, (watch, path))
+            elif is_closed and not candidate.is_closed:
+                candidate.is_closed = True
+                candidate.due_at = now
+                self._push(now, (watch, path))
+
+    def offer(self, watch: str, path: str, rel_path: str, settle_seconds: float,
+              st: os.stat_result, *, follow_symlinks: bool = False) -> ReadyFile | None:
+        """A file found by a scan: ready now if its mtime is older than `settle` and nobody
+        writes to it; else it becomes a candidate like a noticed one."""
+        with self._lock:
+            is_candidate = (watch, path) in self._candidates
+        if not is_candidate and self._wall_clock() - st.st_mtime_ns / 1e9 >= settle_seconds \
+                and not self._is_being_written(_real(path, follow_symlinks)):
+            return ReadyFile(watch, path, rel_path, FileVersion.of(st))
+        self.note(watch, path, rel_path, settle_seconds, follow_symlinks=follow_symlinks)
+        return None
 
     def forget(self, watch: str, path: str) -> None:
         with self._lock:
@@ -97,24 +127,38 @@ class Settler:
     def take_ready(self) -> list[ReadyFile]:
         """Ready files, removed from the candidates. Vanished or non-regular paths are dropped."""
         now = self._clock()
+        due: list[tuple[_Key, _Candidate, float]] = []
         with self._lock:
-            items = list(self._candidates.items())
+            while self._due and self._due[0][0] <= now and len(due) < _MAX_LOOKS_PER_TAKE:
+                due_at, _, key = heapq.heappop(self._due)
+                candidate = self._candidates.get(key)
+                if candidate is not None and candidate.due_at == due_at:
+                    due.append((key, candidate, due_at))
         ready: list[ReadyFile] = []
-        for key, candidate in items:
-            path = key[1]
-            verdict = self._judge(path, candidate, now)
-            if verdict is None:
-                continue
+        for key, candidate, looked_for_at in due:
+            verdict = self._judge(key[1], candidate, now)
             with self._lock:
-                if self._candidates.get(key) is candidate:
-                    del self._candidates[key]
+                if self._candidates.get(key) is not candidate:
+                    continue  # forgotten (deleted) while we looked
+                if isinstance(verdict, float):
+                    # A close noted while we looked keeps its earlier due time.
+                    moved = candidate.due_at != looked_for_at
+                    candidate.due_at = min(verdict, candidate.due_at) if moved else verdict
+                    self._push(candidate.due_at, key)
+                    continue
+                del self._candidates[key]
             if verdict is not _GONE:
-                ready.append(ReadyFile(candidate.watch, path, candidate.rel_path, verdict))
+                ready.append(ReadyFile(candidate.watch, key[1], candidate.rel_path, verdict))
         return ready
 
+    def _push(self, due_at: float, key: _Key) -> None:
+        heapq.heappush(self._due, (due_at, next(self._order), key))
+
     def _judge(self, path: str, candidate: _Candidate, now: float):
+        """The file's version if ready, _GONE if it is no file to send, else when to look
+        again."""
         try:
-            st = self._lstat(path)
+            st = (self._stat_followed if candidate.follow_symlinks else self._lstat)(path)
         except OSError:
             return _GONE
         if not stat.S_ISREG(st.st_mode):
@@ -123,17 +167,28 @@ class Settler:
         if version != candidate.version:
             candidate.version, candidate.changed_at = version, now
             if not candidate.is_closed and not self._is_old(st, candidate):
-                return None
+                return now + self._quiet_left(st, candidate)
         quiet = now - candidate.changed_at >= candidate.settle_seconds
         if not (candidate.is_closed or quiet or self._is_old(st, candidate)):
-            return None
-        if self._is_being_written(path):
+            return now + min(candidate.changed_at + candidate.settle_seconds - now,
+                             self._quiet_left(st, candidate))
+        if self._is_being_written(_real(path, candidate.follow_symlinks)):
             candidate.is_closed = False  # that close was not the last writer's
-            return None
+            return now + candidate.settle_seconds
         return version
 
     def _is_old(self, st: os.stat_result, candidate: _Candidate) -> bool:
         return self._wall_clock() - st.st_mtime_ns / 1e9 >= candidate.settle_seconds
+
+    def _quiet_left(self, st: os.stat_result, candidate: _Candidate) -> float:
+        """Until the mtime is `settle` old; never longer than `settle` (an mtime in the
+        future), never zero (a clock a hair behind would spin)."""
+        age = self._wall_clock() - st.st_mtime_ns / 1e9
+        return min(candidate.settle_seconds, max(candidate.settle_seconds - age, 0.05))
+
+
+def _real(path: str, follow_symlinks: bool) -> str:
+    return os.path.realpath(path) if follow_symlinks else path
 
 
 _GONE = object()

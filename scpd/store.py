@@ -75,6 +75,13 @@ def _DELIVERED_IS(prefix: str = "") -> str:  # noqa: N802 -- reads as SQL
     return (f"delivered_size IS {prefix}size AND delivered_mtime_ns IS {prefix}mtime_ns")
 
 
+def _HAS_VERSION(size: str, mtime_ns: str) -> str:  # noqa: N802 -- reads as SQL
+    """SQL: the job already holds this version, delivered or queued (enqueue is a no-op)."""
+    return (f"((state = 'delivered' AND delivered_size = {size}"
+            f" AND delivered_mtime_ns = {mtime_ns})"
+            f" OR (state != 'delivered' AND size = {size} AND mtime_ns = {mtime_ns}))")
+
+
 # SQL: where a job goes when the outcome of an attempt concerned an older queued version:
 # nothing owed if the remote already has the version now queued, else due at once.
 _SETTLED = f"CASE WHEN {_DELIVERED_IS()} THEN 'delivered' ELSE 'pending' END"
@@ -153,30 +160,51 @@ class Store:
     def enqueue(self, watch: str, target: str, rel_path: str, version: FileVersion,
                 now: float | None = None) -> bool:
         """Queue this version unless it is already delivered or already queued. True if queued."""
+        return self.enqueue_many([(watch, target, rel_path, version)], now)[0]
+
+    def enqueue_many(self, items: list[tuple[str, str, str, FileVersion]],
+                     now: float | None = None) -> list[bool]:
+        """enqueue() for (watch, target, relative path, version) items, in one transaction."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            row = db.execute(
+            return [self._upsert(db, *item, now) for item in items]
+
+    @staticmethod
+    def _upsert(db: sqlite3.Connection, watch: str, target: str, rel_path: str,
+                version: FileVersion, now: float) -> bool:
+        row = db.execute(
+            f"""
+            INSERT INTO jobs (watch, target, rel_path, state, size, mtime_ns, inode, queued_at)
+            VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)
+            ON CONFLICT (watch, target, rel_path) DO UPDATE SET
+                size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode,
+                generation = generation + 1,
+                -- Back to a version the remote already has (a restore): nothing owed.
+                state = CASE WHEN state = 'sending' THEN 'sending'
+                             WHEN {_DELIVERED_IS("excluded.")} THEN 'delivered'
+                             ELSE 'pending' END,
+                attempts = 0, first_failure_at = NULL, next_attempt_at = 0,
+                last_error = NULL, queued_at = excluded.queued_at
+            WHERE NOT {_HAS_VERSION("excluded.size", "excluded.mtime_ns")}
+            RETURNING state
+            """,
+            (watch, target, os.fsencode(rel_path), version.size, version.mtime_ns,
+             version.inode, now)).fetchone()
+        return row is not None and row[0] != JobState.DELIVERED
+
+    def owes_nothing(self, watch: str, rel_path: str, version: FileVersion,
+                     targets: tuple[str, ...]) -> bool:
+        """True if every target has this version delivered or already queued: what a scan
+        asks of each file it finds, so one indexed read, no write."""
+        with self._lock:
+            n = self._db.execute(
                 f"""
-                INSERT INTO jobs (watch, target, rel_path, state, size, mtime_ns, inode,
-                                  queued_at)
-                VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)
-                ON CONFLICT (watch, target, rel_path) DO UPDATE SET
-                    size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode,
-                    generation = generation + 1,
-                    -- Back to a version the remote already has (a restore): nothing owed.
-                    state = CASE WHEN state = 'sending' THEN 'sending'
-                                 WHEN {_DELIVERED_IS("excluded.")} THEN 'delivered'
-                                 ELSE 'pending' END,
-                    attempts = 0, first_failure_at = NULL, next_attempt_at = 0,
-                    last_error = NULL, queued_at = excluded.queued_at
-                WHERE NOT (state = 'delivered' AND {_DELIVERED_IS("excluded.")})
-                  AND NOT (state != 'delivered' AND size = excluded.size
-                           AND mtime_ns = excluded.mtime_ns)
-                RETURNING state
+                SELECT COUNT(*) FROM jobs WHERE watch = ? AND rel_path = ?
+                  AND target IN ({_placeholders(targets)}) AND {_HAS_VERSION("?", "?")}
                 """,
-                (watch, target, os.fsencode(rel_path), version.size, version.mtime_ns,
-                 version.inode, now)).fetchone()
-            return row is not None and row[0] != JobState.DELIVERED
+                (watch, os.fsencode(rel_path), *targets, *[version.size, version.mtime_ns] * 2)
+            ).fetchone()[0]
+        return n == len(targets)
 
     # -- workers -----------------------------------------------------------------------------
 

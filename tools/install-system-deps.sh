@@ -4,11 +4,12 @@
 #   openssh-server/-client  the throwaway sshd the integration tests and benchmarks talk to
 #   libsystemd-dev, pkg-config, gcc  systemd-python builds from its sdist (no wheels on PyPI)
 #   systemd                 journald and systemd-analyze for the logging and unit tests
+#   rsync                   one of the writer patterns the watching tests replay
 #   python3-venv, python3-dev  `python3 -m venv` and Python.h, when python3 lacks them
 set -euo pipefail
 
 missing=()
-for pkg in openssh-server openssh-client libsystemd-dev pkg-config gcc systemd; do
+for pkg in openssh-server openssh-client libsystemd-dev pkg-config gcc systemd rsync; do
     if [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" != "install ok installed" ]]; then
         missing+=("$pkg")
     fi

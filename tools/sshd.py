@@ -68,7 +68,7 @@ class ThrowawaySshd:
         self.authorized_keys.write_bytes(self.client_key.with_suffix(".pub").read_bytes())
         self.authorized_keys.chmod(0o644)
         if self.port is None:
-            self.port = _free_port()
+            self.port = free_port()
         self.config.write_text(self._config_text())
         if os.geteuid() == 0:
             # Root's sshd wants its privilege separation directory (section 5.1).
@@ -235,7 +235,8 @@ def _run(command: list[str | Path]) -> None:
         raise RuntimeError(f"{shown} failed ({result.returncode}): {result.stderr.strip()}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (now): a target that refuses connections."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import Setup, sha256, wait_until, write_config
 
-from tools.sshd import ThrowawaySshd
+from tools.sshd import ThrowawaySshd, free_port
 
 PROTOCOLS = ["scp", "sftp"]
 
@@ -166,7 +166,7 @@ def test_daemon_delivers_a_file_written_while_it_runs(protocol_setup: Setup):
 
 def test_run_once_exits_75_when_the_target_is_down(tmp_path: Path, sshd: ThrowawaySshd,
                                                    known_hosts: Path, remote_dir: Path):
-    closed_port = _free_port()
+    closed_port = free_port()
     s = write_config(tmp_path, sshd, known_hosts, remote_dir, port=closed_port)
     make_file(s.watch_dir / "a.txt", 10)
 
@@ -218,14 +218,6 @@ def test_check_exits_69_when_a_target_is_unusable(setup: Setup, known_hosts: Pat
     assert result.returncode == 69
     assert "target local: FAILED" in result.stdout
     assert result.stderr.startswith("scpd: target local is unusable:")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _port_of(s: Setup) -> int:

@@ -171,6 +171,8 @@ def test_config_loads_a_full_valid_file_into_dataclasses(cfg: ConfigFiles) -> No
     cfg.watch.update({
         "recursive": False, "include": ["*.pdf", "*.csv"], "exclude": ["*.bak"],
         "settle": "1h30m", "on_success": "move", "archive_dir": str(archive),
+        "follow_symlinks": True, "poll": True, "poll_interval": "30s",
+        "rescan_interval": "1h",
     })
 
     loaded = cfg.load()
@@ -191,7 +193,8 @@ def test_config_loads_a_full_valid_file_into_dataclasses(cfg: ConfigFiles) -> No
     assert loaded.watches == (config.Watch(
         name="reports", path=cfg.watched, targets=("offsite",), recursive=False,
         include=("*.pdf", "*.csv"), exclude=(*DEFAULT_EXCLUDES, "*.bak"),
-        settle_seconds=5400.0, on_success="move", archive_dir=archive),)
+        settle_seconds=5400.0, on_success="move", archive_dir=archive, follow_symlinks=True,
+        poll=True, poll_interval_seconds=30.0, rescan_interval_seconds=3600.0),)
     assert loaded.watch("reports").path == cfg.watched
 
 
@@ -221,6 +224,10 @@ def test_config_fills_in_the_defaults_of_the_design(cfg: ConfigFiles) -> None:
     assert watch.archive_dir is None
     assert watch.include == ()
     assert watch.exclude == (".*", "*.part", "*.tmp", "*.swp", "*~")
+    assert watch.follow_symlinks is False
+    assert watch.poll is False
+    assert watch.poll_interval_seconds == 5.0
+    assert watch.rescan_interval_seconds == 600.0
 
 
 def test_config_state_dir_defaults_to_the_one_systemd_gives(
@@ -432,12 +439,11 @@ def test_config_rejects_a_watch_without_targets(cfg: ConfigFiles) -> None:
     assert "at least one" in cfg.error("watch.reports.targets").problem
 
 
-def test_config_rejects_a_watch_path_that_does_not_exist(cfg: ConfigFiles) -> None:
+def test_config_accepts_a_watch_path_that_does_not_exist_yet(cfg: ConfigFiles) -> None:
+    # A mount not up yet, or a directory another service creates: scpd waits for it.
     cfg.watched.rmdir()
 
-    error = cfg.error("watch.reports.path")
-
-    assert error.problem == f"directory not found: {cfg.watched}"
+    assert cfg.load().watch("reports").path == cfg.watched
 
 
 def test_config_rejects_a_relative_watch_path(cfg: ConfigFiles) -> None:
@@ -449,7 +455,7 @@ def test_config_rejects_a_relative_watch_path(cfg: ConfigFiles) -> None:
 def test_config_rejects_a_file_as_watch_path(cfg: ConfigFiles) -> None:
     cfg.watch["path"] = str(cfg.known_hosts)
 
-    assert "directory not found" in cfg.error("watch.reports.path").problem
+    assert cfg.error("watch.reports.path").problem == f"not a directory: {cfg.known_hosts}"
 
 
 def test_config_rejects_duplicate_watch_names(cfg: ConfigFiles) -> None:
@@ -491,6 +497,8 @@ def test_config_rejects_an_unknown_on_success(cfg: ConfigFiles) -> None:
 @pytest.mark.parametrize(("where", "key", "value", "key_path"), [
     ("watch", "settle", "2", "watch.reports.settle"),
     ("watch", "settle", "soon", "watch.reports.settle"),
+    ("watch", "poll_interval", "0s", "watch.reports.poll_interval"),
+    ("watch", "rescan_interval", "often", "watch.reports.rescan_interval"),
     ("target", "connect_timeout", "10", "targets.offsite.connect_timeout"),
     ("target", "io_timeout", "0s", "targets.offsite.io_timeout"),
     ("target", "retry_initial", "1x", "targets.offsite.retry_initial"),
@@ -559,8 +567,7 @@ def test_config_reports_every_problem_in_a_file_together(cfg: ConfigFiles) -> No
     cfg.target["port"] = "22x"
     cfg.identity.chmod(0o644)
     cfg.watch.update({"targets": ["nowhere"], "settle": "soon", "on_success": "move"})
-    cfg.raw["watch"].append({"name": "logs", "path": str(cfg.root / "missing"),
-                             "targets": ["offsite"]})
+    cfg.raw["watch"].append({"name": "logs", "path": "relative/logs", "targets": ["offsite"]})
 
     with pytest.raises(ConfigErrors) as info:
         cfg.load()

@@ -154,12 +154,14 @@ def test_settler_a_change_of_size_restarts_the_quiet_period(
     assert ready.version.size == 20
 
 
-def test_settler_drops_a_path_that_vanished(settler: Settler, files: FakeFiles) -> None:
+def test_settler_drops_a_path_that_vanished(
+        settler: Settler, clock: FakeClock, files: FakeFiles) -> None:
     files.write(PATH, 10)
     settler.note("reports", PATH, "report.pdf", SETTLE)
     assert ready_paths(settler) == []
 
     files.remove(PATH)
+    clock.advance(SETTLE)  # looked at again when due
 
     assert ready_paths(settler) == []
     assert len(settler) == 0
@@ -208,3 +210,72 @@ def test_is_open_for_write_elsewhere_sees_another_process_writing(tmp_path: Path
 
 def test_is_open_for_write_elsewhere_answers_false_for_a_missing_file(tmp_path: Path) -> None:
     assert is_open_for_write_elsewhere(str(tmp_path / "nope")) is False
+
+
+class CountingFiles(FakeFiles):
+    """FakeFiles that counts how often a path is looked at."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.looks = 0
+
+    def lstat(self, path: str) -> os.stat_result:
+        self.looks += 1
+        return super().lstat(path)
+
+
+def test_settler_looks_at_a_young_file_when_it_is_due_not_on_every_take(
+        clock: FakeClock) -> None:
+    files = CountingFiles(clock)
+    settler = Settler(clock=lambda: clock.monotonic, wall_clock=lambda: clock.wall,
+                      lstat=files.lstat, is_being_written=files.is_being_written)
+    for i in range(100):
+        files.write(f"/watched/{i}.csv", 10)
+        settler.note("reports", f"/watched/{i}.csv", f"{i}.csv", SETTLE)
+    assert ready_paths(settler) == []
+    first_looks = files.looks
+
+    for _ in range(19):  # the main loop ticks every 0.1 s until the files are quiet
+        clock.advance(0.1)
+        assert ready_paths(settler) == []
+
+    assert first_looks == 100
+    assert files.looks == 100  # nothing was due: no stat at all
+    clock.advance(0.1)
+    assert len(ready_paths(settler)) == 100
+
+
+def test_settler_offer_hands_an_old_scanned_file_over_at_once(
+        settler: Settler, files: FakeFiles) -> None:
+    files.write(PATH, 10, age=SETTLE + 1)
+
+    ready = settler.offer("reports", PATH, "report.pdf", SETTLE, files.lstat(PATH))
+
+    assert ready is not None and ready.version.size == 10
+    assert len(settler) == 0  # never held
+
+
+@pytest.mark.parametrize("is_young", [True, False], ids=["young", "being-written"])
+def test_settler_offer_keeps_a_young_or_busy_file_as_a_candidate(
+        settler: Settler, clock: FakeClock, files: FakeFiles, is_young: bool) -> None:
+    files.write(PATH, 10, age=0 if is_young else SETTLE + 1)
+    if not is_young:
+        files.open_for_write.add(PATH)
+
+    assert settler.offer("reports", PATH, "report.pdf", SETTLE, files.lstat(PATH)) is None
+    assert len(settler) == 1
+
+    files.open_for_write.discard(PATH)
+    clock.advance(SETTLE)
+    assert ready_paths(settler) == [PATH]
+
+
+def test_settler_a_close_while_waiting_for_quiet_is_not_delayed(
+        settler: Settler, files: FakeFiles) -> None:
+    files.write(PATH, 10)
+    settler.note("reports", PATH, "report.pdf", SETTLE)
+    assert ready_paths(settler) == []  # due again in SETTLE seconds
+
+    settler.note("reports", PATH, "report.pdf", SETTLE, is_closed=True)
+
+    assert ready_paths(settler) == [PATH]  # no clock advance needed

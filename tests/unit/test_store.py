@@ -451,3 +451,39 @@ def test_store_remembers_the_remote_temp_of_an_attempt_until_delivery(store: Sto
     store.enqueue("reports", "offsite", "a.pdf", V2, now=T0 + 1)
 
     assert store.claim("offsite", WATCHES, now=T0 + 1).remote_temp is None
+
+
+def test_store_owes_nothing_only_when_every_target_has_the_version(store: Store) -> None:
+    targets = ("offsite", "loghost")
+    assert store.owes_nothing("reports", "a.pdf", V1, targets) is False  # never seen
+
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    assert store.owes_nothing("reports", "a.pdf", V1, targets) is False  # one target only
+
+    store.enqueue("reports", "loghost", "a.pdf", V1, now=T0)
+    assert store.owes_nothing("reports", "a.pdf", V1, targets) is True  # queued everywhere
+    assert store.owes_nothing("reports", "a.pdf", V2, targets) is False  # a newer version
+
+    store.mark_delivered(store.claim("offsite", WATCHES, now=T0), V1, now=T0)
+    assert store.owes_nothing("reports", "a.pdf", V1, targets) is True  # delivered + queued
+
+
+def test_store_owes_nothing_agrees_with_enqueue_for_a_failed_version(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_failed(store.claim("offsite", WATCHES, now=T0), "permission denied", now=T0)
+
+    # Failed stays failed until `scpd retry`: a scan must not queue it again either.
+    assert store.owes_nothing("reports", "a.pdf", V1, ("offsite",)) is True
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0 + 1) is False
+
+
+def test_store_enqueue_many_answers_per_item_in_one_go(store: Store) -> None:
+    store.enqueue("reports", "offsite", "old.pdf", V1, now=T0)
+
+    queued = store.enqueue_many([("reports", "offsite", "old.pdf", V1),
+                                 ("reports", "offsite", "new.pdf", V1),
+                                 ("reports", "loghost", "new.pdf", V2)], now=T0 + 1)
+
+    assert queued == [False, True, True]
+    assert states(store)["pending"] == 2
+    assert states(store, "loghost")["pending"] == 1

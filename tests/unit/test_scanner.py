@@ -1,14 +1,20 @@
-"""Which files a watch sends: excludes, includes, and the tree scan."""
+"""Which files a watch sends: excludes, includes, and the tree walk of a scan."""
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from scpd.config import DEFAULT_EXCLUDES, Watch
-from scpd.watcher import PathFilter, scan
+from scpd.scanner import PathFilter, Rescanner, ScanReport, WalkStats, walk
+from tools.harness import wait_until
+
+
+def scan(watch: Watch, start_dir: str | None = None) -> list[tuple[str, str]]:
+    return [(found.path, found.rel_path) for found in walk(watch, start_dir)]
 
 
 def make_watch(path: Path = Path("/watched"), **fields) -> Watch:
@@ -113,3 +119,77 @@ def test_scan_without_default_excludes_finds_hidden_files(tree: Path) -> None:
 
     assert found == [".e.pdf", ".hidden/d.pdf", "a.pdf", "f.pdf.part", "sub/b.pdf",
                      "sub/deeper/c.csv", "sub/g.tmp"]
+
+
+def test_scan_with_follow_symlinks_reads_links_to_files_and_directories(tree: Path) -> None:
+    (tree / "sub" / "loop").symlink_to(tree, target_is_directory=True)  # a link loop
+
+    found = sorted(rel for _, rel in scan(make_watch(tree, follow_symlinks=True)))
+
+    # sub/ is walked once: as itself or through dirlink, never twice, and the loop ends.
+    walked_sub = "dirlink" if "dirlink/b.pdf" in found else "sub"
+    assert found == sorted(["a.pdf", "link.pdf", f"{walked_sub}/b.pdf",
+                            f"{walked_sub}/deeper/c.csv"])
+
+
+def test_scan_with_follow_symlinks_skips_a_dangling_link(tree: Path) -> None:
+    (tree / "dangling.pdf").symlink_to(tree / "gone.pdf")
+
+    found = [rel for _, rel in scan(make_watch(tree, follow_symlinks=True))]
+
+    assert "dangling.pdf" not in found and "a.pdf" in found
+
+
+def test_walk_keeps_the_identity_of_every_directory_listed_when_asked(tree: Path) -> None:
+    stats = WalkStats(directory_ids={})
+
+    list(walk(make_watch(tree), stats=stats))
+
+    assert stats.directories == 3  # the root, sub, sub/deeper (hidden ones excluded)
+    assert sorted(stats.directory_ids.values()) == sorted(
+        [str(tree), str(tree / "sub"), str(tree / "sub" / "deeper")])
+    st = (tree / "sub").stat()
+    assert stats.directory_ids[st.st_dev, st.st_ino] == str(tree / "sub")
+
+
+def test_walk_of_a_missing_root_finds_nothing(tmp_path: Path) -> None:
+    assert scan(make_watch(tmp_path / "not-yet")) == []
+
+
+class RecordingScanner:
+    """Stands in for Scanner: records each scan, and holds the first until released."""
+
+    def __init__(self) -> None:
+        self.scans: list[str | None] = []
+        self.release = threading.Event()
+
+    def scan(self, watch: Watch, start_dir: str | None = None, *,
+             keep_directory_ids: bool = False) -> ScanReport:
+        self.release.wait(5)
+        self.scans.append(start_dir)
+        return ScanReport(watch.name, 1, 0, 0, 0, 0.0, {} if keep_directory_ids else None)
+
+
+def test_rescanner_merges_requests_a_waiting_scan_already_covers(tmp_path: Path) -> None:
+    watch = make_watch(tmp_path)
+    scanner = RecordingScanner()
+    full_scans: list[str] = []
+    rescanner = Rescanner(scanner, lambda name: watch, lambda name, ids: full_scans.append(name))
+    rescanner.start()
+    try:
+        rescanner.request("reports", "new directory", str(tmp_path / "busy"))  # runs, held
+        assert wait_until(lambda: not rescanner._waiting, 5)
+        # A tree moved in: one event per directory, while its top's scan is still waiting.
+        rescanner.request("reports", "new directory", str(tmp_path / "tree"))
+        rescanner.request("reports", "new directory", str(tmp_path / "tree" / "a"))
+        rescanner.request("reports", "new directory", str(tmp_path / "tree" / "a" / "b"))
+        rescanner.request("reports", "new directory", str(tmp_path / "treetop"))  # not inside
+        rescanner.request("reports", "new directory", str(tmp_path / "tree"))  # again
+        scanner.release.set()
+
+        assert rescanner.wait_idle(5)
+    finally:
+        rescanner.stop()
+    assert scanner.scans == [str(tmp_path / "busy"), str(tmp_path / "tree"),
+                             str(tmp_path / "treetop")]
+    assert full_scans == []  # only a scan of the whole watch checks inotify's coverage
