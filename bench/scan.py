@@ -7,7 +7,10 @@ queue, not the transfers. Three runs:
 
   fresh    every file new: walked, found ready (older than settle), queued in the SQLite queue
   restart  every file already delivered (as recorded in the queue): walked, compared, skipped
-  watch    time from start to `scpd ready` (inotify watches on every directory added)
+  moved in the same tree `mv`'d into the watch of a running scpd: time from the rename until
+           every file is queued (watchdog's events for the new subtree, and scpd's scan of it)
+
+`scpd ready` is also timed: inotify watches on every directory are in place by then.
 
 Times are the daemon's own report of its scan ("start-up scan of watch ...: ... in N s") and
 the wall time to its log lines; memory is the daemon's peak RSS (VmHWM) when the scan is done.
@@ -80,6 +83,33 @@ def run_daemon(config: Path, log_path: Path) -> dict[str, float]:
             "ready_s": (ready_at or done_at) - started, "peak_rss_mb": peak_kib / 1024}
 
 
+def run_moved_in(config: Path, log_path: Path, tree: Path, watch_dir: Path,
+                 state_dir: Path, files: int) -> dict[str, float]:
+    """Start scpd on an empty watch, move the tree in, wait until every file is queued."""
+    watch_dir.mkdir()
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "scpd", "run", "-c", str(config)],
+                                   stdout=subprocess.DEVNULL, stderr=log, env=ENV)
+    try:
+        if not wait_until(lambda: SCAN_LINE.search(log_path.read_text()) is not None, 60):
+            raise SystemExit(f"scpd did not start; see {log_path}")
+        moved_at = time.monotonic()
+        tree.rename(watch_dir / tree.name)
+        if not wait_until(lambda: _jobs(state_dir) >= files, TIMEOUT_SECONDS, poll=0.1):
+            raise SystemExit(f"only {_jobs(state_dir)} of {files} queued; see {log_path}")
+        queued_s = time.monotonic() - moved_at
+        peak_kib = _peak_rss_kib(process.pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return {"queued_s": queued_s, "peak_rss_mb": peak_kib / 1024}
+
+
+def _jobs(state_dir: Path) -> int:
+    with sqlite3.connect(state_dir / "queue.sqlite3", timeout=10) as db:
+        return db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+
+
 def _peak_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -116,6 +146,13 @@ def main() -> int:
         fresh = run_daemon(config, work / "fresh.log")
         delivered = mark_all_delivered(state_dir)
         restart = run_daemon(config, work / "restart.log")
+        moved_config = work / "moved.toml"
+        moved_watch, moved_state = work / "outbox-moved", work / "state-moved"
+        moved_config.write_text(scpd_config_text(
+            sshd, known_hosts, work / "remote", moved_watch, moved_state,
+            watch_extra='rescan_interval = "1h"'))
+        moved = run_moved_in(moved_config, work / "moved.log", watch_dir, moved_watch,
+                             moved_state, fresh["files"])
     print("| run | files | dirs | new | scan | start to ready | start to scanned | peak RSS |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in (("fresh: every file new, queued", fresh),
@@ -123,6 +160,11 @@ def main() -> int:
         print(f"| {name} | {row['files']} | {row['directories']} | {row['new']}"
               f" | {row['scan_s']:.2f} s | {row['ready_s']:.2f} s | {row['wall_s']:.2f} s"
               f" | {row['peak_rss_mb']:.0f} MB |")
+    print()
+    print("| run | files | mv to all queued | peak RSS |")
+    print("|---|---:|---:|---:|")
+    print(f"| moved in: the tree mv'd into a running scpd's watch | {fresh['files']}"
+          f" | {moved['queued_s']:.2f} s | {moved['peak_rss_mb']:.0f} MB |")
     return 0
 
 

@@ -23,6 +23,7 @@ log = logging.getLogger("scpd.daemon")
 
 _TICK_SECONDS = 0.1
 _ROOT_CHECK_SECONDS = 1.0  # how soon a watch root that appears, or is replaced, is watched
+_QUEUED_LINES_AT_INFO = 100  # per batch of ready files
 _STOP_GRACE_SECONDS = 5.0  # in-flight uploads may finish; the unit allows 10 s in all
 
 EXIT_OK = 0
@@ -80,7 +81,7 @@ class Daemon:
         self.store.make_all_due()  # an explicit request ignores saved backoff
         for watch in self.config.watches:
             if watch.path.is_dir():
-                self.scanner.scan(watch)
+                self.scanner.scan(watch, should_stop=lambda: self.flags.stop_requests > 0)
             else:
                 log.warning("watch %s: %s does not exist; nothing to send from it",
                             watch.name, watch.path)
@@ -149,23 +150,30 @@ class Daemon:
 
     def _queue_found(self, ready_files: list[ReadyFile]) -> None:
         # A scan reports its count at info level; a line per file would be 100,000 lines.
-        self._queue_ready(ready_files, log_level=logging.DEBUG)
+        self._queue_ready(ready_files, lines_at_info=0)
 
-    def _queue_ready(self, ready_files: list[ReadyFile], log_level: int = logging.INFO) -> None:
-        """Into the queue, one transaction for the lot (from the main loop and from scans)."""
+    def _queue_ready(self, ready_files: list[ReadyFile],
+                     lines_at_info: int = _QUEUED_LINES_AT_INFO) -> None:
+        """Into the queue, one transaction for the lot (from the main loop and from scans).
+        The first `lines_at_info` queued files get an info line, the rest a debug line and a
+        count: a burst of 100,000 would flood the journal (which drops lines past its rate
+        limit anyway)."""
         config = self.config
         items = [(ready, target) for ready in ready_files
                  for target in config.watch(ready.watch).targets]
         queued = self.store.enqueue_many(
             [(ready.watch, target, ready.rel_path, ready.version) for ready, target in items])
-        queued_files, woken_targets = set(), set()
+        queued_files, woken_targets, lines = set(), set(), 0
         for (ready, target), is_queued in zip(items, queued, strict=True):
             if is_queued:
                 queued_files.add(ready)
                 woken_targets.add(target)
-                logs.event(log_level, "queued", "queued %s for %s", ready.rel_path,
-                           target, watch=ready.watch, target=target, path=ready.path,
-                           bytes=ready.version.size)
+                lines += 1
+                logs.event(logging.INFO if lines <= lines_at_info else logging.DEBUG, "queued",
+                           "queued %s for %s", ready.rel_path, target, watch=ready.watch,
+                           target=target, path=ready.path, bytes=ready.version.size)
+        if lines_at_info and lines > lines_at_info:
+            log.info("queued %d more file(s) (named at debug level)", lines - lines_at_info)
         for target in woken_targets:
             self.pool.wake(target)
         for ready in ready_files:
@@ -183,7 +191,7 @@ class Daemon:
 
     def _start_watching(self) -> None:
         # Watch first, then scan: a file written in between is seen by one or the other.
-        self.rescanner = Rescanner(self.scanner, self.config.watch, self._after_full_scan)
+        self.rescanner = Rescanner(self.scanner, self.config.watch, self._after_scan)
         self.rescanner.start()
         self.watcher = Watcher(self.config.watches, self._note, self.settler.forget,
                                self._request_rescan)
@@ -192,7 +200,7 @@ class Daemon:
             log.warning("inotify watches are still being added; scanning meanwhile")
         now = time.monotonic()
         for watch in self.config.watches:
-            self._request_rescan(watch.name, "start-up", None)
+            self._request_rescan(watch.name, "start-up")
             self._next_rescan_at[watch.name] = now + watch.rescan_interval_seconds
 
     def _stop_watching(self) -> None:
@@ -201,18 +209,18 @@ class Daemon:
         if self.rescanner is not None:
             self.rescanner.stop()
 
-    def _request_rescan(self, watch_name: str, reason: str, start_dir: str | None) -> None:
+    def _request_rescan(self, watch_name: str, reason: str) -> None:
         if self.rescanner is not None:
-            self.rescanner.request(watch_name, reason, start_dir)
+            self.rescanner.request(watch_name, reason)
 
     def _request_due_rescans(self, now: float) -> None:
         """The periodic scan: the last safety net under the event stream."""
         for watch in self.config.watches:
             if now >= self._next_rescan_at.get(watch.name, 0.0):
-                self._request_rescan(watch.name, "periodic", None)
+                self._request_rescan(watch.name, "periodic")
                 self._next_rescan_at[watch.name] = now + watch.rescan_interval_seconds
 
-    def _after_full_scan(self, watch_name: str,
+    def _after_scan(self, watch_name: str,
                          directory_ids: dict[tuple[int, int], str]) -> None:
         if self.watcher is not None:
             self.watcher.check_coverage(watch_name, directory_ids)

@@ -76,9 +76,8 @@ class WalkStats:
     directory_ids: dict[tuple[int, int], str] | None = None
 
 
-def walk(watch: Watch, start_dir: str | None = None,
-         stats: WalkStats | None = None) -> Iterator[FoundFile]:
-    """Every admitted regular file under the watch (or under one of its directories).
+def walk(watch: Watch, stats: WalkStats | None = None) -> Iterator[FoundFile]:
+    """Every admitted regular file under the watch.
 
     Symlinks and special files are skipped (debug log), unless the watch follows symlinks:
     then a link to a file is found with its target's stat, and a link to a directory is
@@ -87,14 +86,12 @@ def walk(watch: Watch, start_dir: str | None = None,
     stats = stats if stats is not None else WalkStats()
     path_filter = PathFilter(watch)
     root = os.fspath(watch.path)
-    start = start_dir or root
-    rel_start = os.path.relpath(start, root)
     try:
-        start_st = os.stat(start)
+        root_st = os.stat(root)
     except OSError:
         return
-    stack = [(start, "" if rel_start == "." else rel_start + "/", start_st)]
-    seen_dirs = {(start_st.st_dev, start_st.st_ino)}  # a link back to the root ends there
+    stack = [(root, "", root_st)]
+    seen_dirs = {(root_st.st_dev, root_st.st_ino)}  # a link back to the root ends there
     while stack:
         directory, rel_prefix, dir_st = stack.pop()
         try:
@@ -165,20 +162,24 @@ class ScanReport:
 
 
 class Scanner:
-    """One scan of a watch (or a directory of it) against the queue."""
+    """One scan of a watch against the queue."""
 
     def __init__(self, store: Store, settler: Settler, queue_ready: QueueReadyFn):
         self.store = store
         self.settler = settler
         self.queue_ready = queue_ready
 
-    def scan(self, watch: Watch, start_dir: str | None = None, *,
-             keep_directory_ids: bool = False) -> ScanReport:
+    def scan(self, watch: Watch, *, keep_directory_ids: bool = False,
+             should_stop: Callable[[], bool] = lambda: False) -> ScanReport:
+        """should_stop: asked at every file; a stopping daemon does not finish a long scan
+        (the next start-up scan does its work)."""
         started = time.monotonic()
         stats = WalkStats(directory_ids={} if keep_directory_ids else None)
         batch: list[ReadyFile] = []
         handed_on = 0
-        for found in walk(watch, start_dir, stats):
+        for found in walk(watch, stats):
+            if should_stop():
+                break
             if self._is_settled_already(watch, found):
                 continue
             handed_on += 1
@@ -204,70 +205,62 @@ class Scanner:
 
 class Rescanner(threading.Thread):
     """Runs scans one after another, off the main loop: a large tree takes seconds, and the
-    main loop must keep answering systemd meanwhile. Requests for a watch already waiting
-    are merged."""
+    main loop must keep answering systemd meanwhile. A request for a watch whose scan is
+    still waiting is merged into it."""
 
     def __init__(self, scanner: Scanner, watch_of: Callable[[str], Watch],
-                 after_full_scan: Callable[[str, dict[tuple[int, int], str]], None]):
+                 after_scan: Callable[[str, dict[tuple[int, int], str]], None]):
         super().__init__(name="scpd-rescan", daemon=True)
         self.scanner = scanner
         self.watch_of = watch_of
-        self.after_full_scan = after_full_scan  # (watch name, directory ids -> paths)
-        self._requests: queue.SimpleQueue[tuple[str, str | None, str] | None] = \
-            queue.SimpleQueue()
-        self._waiting: set[tuple[str, str | None]] = set()
+        self.after_scan = after_scan  # (watch name, directory ids -> paths)
+        self._requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._waiting: set[str] = set()
         self._lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
+        self._stopping = threading.Event()
 
-    def request(self, watch_name: str, reason: str, start_dir: str | None = None) -> None:
+    def request(self, watch_name: str, reason: str) -> None:
         with self._lock:
-            if self._is_covered(watch_name, start_dir):
+            if watch_name in self._waiting:
                 return
-            self._waiting.add((watch_name, start_dir))
+            self._waiting.add(watch_name)
             self._idle.clear()
-        self._requests.put((watch_name, start_dir, reason))
-
-    def _is_covered(self, watch_name: str, start_dir: str | None) -> bool:
-        """A waiting scan of the same tree or of a tree holding it will find its files.
-        (A running one may have passed the place already.) A tree moved in brings one
-        event per directory: this keeps it to one scan."""
-        if (watch_name, start_dir) in self._waiting or (watch_name, None) in self._waiting:
-            return True
-        return start_dir is not None and any(
-            name == watch_name and waiting is not None
-            and start_dir.startswith(waiting.rstrip("/") + "/")
-            for name, waiting in self._waiting)
+        self._requests.put((watch_name, reason))
 
     def wait_idle(self, timeout: float) -> bool:
         return self._idle.wait(timeout)
 
     def stop(self) -> None:
+        self._stopping.set()
         self._requests.put(None)
         self.join(timeout=10)
 
     def run(self) -> None:
         while (item := self._requests.get()) is not None:
-            watch_name, start_dir, reason = item
+            watch_name, reason = item
             with self._lock:
-                self._waiting.discard((watch_name, start_dir))
+                self._waiting.discard(watch_name)
             try:
-                self._scan(self.watch_of(watch_name), start_dir, reason)
+                self._scan(self.watch_of(watch_name), reason)
             except Exception:  # noqa: BLE001 -- the next scan must still run
                 log.exception("scan of watch %s failed; the next one retries", watch_name)
             with self._lock:
                 if not self._waiting:
                     self._idle.set()
 
-    def _scan(self, watch: Watch, start_dir: str | None, reason: str) -> None:
-        if start_dir is None and not os.path.isdir(watch.path):
+    def _scan(self, watch: Watch, reason: str) -> None:
+        if not os.path.isdir(watch.path):
             return  # the watcher reports a missing root
-        report = self.scanner.scan(watch, start_dir, keep_directory_ids=start_dir is None)
-        if report.directory_ids is not None:
-            self.after_full_scan(watch.name, report.directory_ids)
-        level = logging.INFO if report.handed_on or start_dir is None else logging.DEBUG
+        report = self.scanner.scan(watch, keep_directory_ids=True,
+                                   should_stop=self._stopping.is_set)
+        if self._stopping.is_set():
+            return
+        assert report.directory_ids is not None
+        self.after_scan(watch.name, report.directory_ids)
         skipped = (f", {report.skipped} skipped (links or special files; debug log names them)"
                    if report.skipped else "")
-        log.log(level, "%s scan of watch %s: %d file(s) in %d dir(s), %d new or changed%s,"
-                " %.1fs", reason, watch.name, report.files, report.directories,
-                report.handed_on, skipped, report.seconds)
+        log.info("%s scan of watch %s: %d file(s) in %d dir(s), %d new or changed%s, %.1fs",
+                 reason, watch.name, report.files, report.directories, report.handed_on,
+                 skipped, report.seconds)

@@ -1,8 +1,10 @@
 """watchdog wiring: events name candidate paths for the settler, and whatever events cannot
-be trusted to tell (a new directory, lost events, a root that came back) asks for a scan.
+be trusted to tell (lost events, a root that came back) asks for a scan.
 
 Known gaps of inotify and what covers each (research: libraries.md section 3):
-- files inside a directory created, copied or moved in: a scan of that directory;
+- files inside a directory created, copied or moved in, before its watch existed: watchdog
+  7.1 walks each new directory once it is watched and reports what it finds (the tests of
+  cp -r, tar -x and mv of a tree hold it to that);
 - kernel queue overflow (watchdog only logs it): a scan of every inotify watch;
 - watches the kernel would not add (max_user_watches; watchdog skips them silently):
   `unwatched_dirs` compares a scan's directories with what inotify holds, and the daemon
@@ -21,8 +23,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from watchdog.events import (
-    DirCreatedEvent,
-    DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
@@ -41,14 +41,15 @@ from scpd.scanner import PathFilter
 log = logging.getLogger("scpd.watcher")
 
 # Only what can make a file ready. Leaving out IN_OPEN and IN_CLOSE_NOWRITE also keeps the
-# daemon's own reads from coming back to it as events.
+# daemon's own reads from coming back to it as events. (New directories are watched whatever
+# the filter says; the files in them come as FileCreated or FileMoved.)
 _EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
-           FileDeletedEvent, DirCreatedEvent, DirMovedEvent]
+           FileDeletedEvent]
 
 # (watch, absolute path, path relative to the watch root, is_closed)
 NoteFn = Callable[[Watch, str, str, bool], None]
 ForgetFn = Callable[[str, str], None]  # (watch name, absolute path)
-RescanFn = Callable[[str, str, str | None], None]  # (watch name, reason, directory or None)
+RescanFn = Callable[[str, str], None]  # (watch name, reason)
 
 _OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 
@@ -56,15 +57,13 @@ _OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 class _Handler(FileSystemEventHandler):
     """Trivial on purpose: an exception escaping a handler kills watchdog's dispatch thread."""
 
-    def __init__(self, watch: Watch, watched_root: str, note: NoteFn, forget: ForgetFn,
-                 rescan: RescanFn):
+    def __init__(self, watch: Watch, watched_root: str, note: NoteFn, forget: ForgetFn):
         self.watch = watch
         self.root = os.fspath(watch.path)
         self.watched_root = watched_root  # the root as watchdog reports it (links resolved)
         self.filter = PathFilter(watch)
         self.note = note
         self.forget = forget
-        self.rescan = rescan
 
     def dispatch(self, event: FileSystemEvent) -> None:
         try:
@@ -76,11 +75,6 @@ class _Handler(FileSystemEventHandler):
         if isinstance(event, FileDeletedEvent):
             if (rel := self._admitted(event.src_path)) is not None:
                 self.forget(self.watch.name, os.path.join(self.root, rel))
-        elif isinstance(event, DirCreatedEvent | DirMovedEvent):
-            # Files written into a new directory before its watch existed get no event.
-            rel_dir = self._relative(event.dest_path or event.src_path)
-            if rel_dir is not None and self.watch.recursive and self.filter.admits(rel_dir):
-                self.rescan(self.watch.name, "new directory", os.path.join(self.root, rel_dir))
         elif isinstance(event, FileMovedEvent):
             if (rel := self._admitted(event.src_path)) is not None:
                 self.forget(self.watch.name, os.path.join(self.root, rel))
@@ -221,7 +215,7 @@ class Watcher:
             if was_lost and not is_start:
                 log.info("watch %s: %s is there; watching it%s", watch.name, watch.path,
                          " again" if scheduled is not None else "")
-                self._rescan(watch.name, "appeared", None)
+                self._rescan(watch.name, "appeared")
             self._missing.discard(watch.name)
 
     def check_coverage(self, watch_name: str, directories: dict[tuple[int, int], str]) -> None:
@@ -245,12 +239,12 @@ class Watcher:
             self._polled.add(watch_name)
             self._unschedule(watch_name)
             self._check_roots(is_start=False)
-        self._rescan(watch_name, "unwatched directories", None)
+        self._rescan(watch_name, "unwatched directories")
 
     def _schedule(self, watch: Watch, root_id: tuple[int, int]) -> bool:
         watched_root = os.path.realpath(watch.path)
         observer = self._observer_for(watch)
-        handler = _Handler(watch, watched_root, self._note, self._forget, self._rescan)
+        handler = _Handler(watch, watched_root, self._note, self._forget)
         try:
             observed = observer.schedule(handler, watched_root, recursive=watch.recursive,
                                          event_filter=_EVENTS,
@@ -295,7 +289,7 @@ class Watcher:
             if name not in self._polled:
                 log.warning("watch %s: the kernel's inotify queue overflowed and events were"
                             " lost; rescanning", name)
-                self._rescan(name, "overflow", None)
+                self._rescan(name, "overflow")
 
 
 def _is_running(scheduled: _Scheduled) -> bool:

@@ -25,7 +25,7 @@ class Recorder:
     def forget(self, watch_name: str, path: str) -> None:
         pass
 
-    def rescan(self, watch_name: str, reason: str, start_dir: str | None) -> None:
+    def rescan(self, watch_name: str, reason: str) -> None:
         self.rescans.append(reason)
 
 

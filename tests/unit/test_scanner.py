@@ -9,16 +9,18 @@ from pathlib import Path
 import pytest
 
 from scpd.config import DEFAULT_EXCLUDES, Watch
-from scpd.scanner import PathFilter, Rescanner, ScanReport, WalkStats, walk
+from scpd.scanner import PathFilter, Rescanner, Scanner, ScanReport, WalkStats, walk
+from scpd.settle import Settler
+from scpd.store import Store
 from tools.harness import wait_until
 
 
-def scan(watch: Watch, start_dir: str | None = None) -> list[tuple[str, str]]:
-    return [(found.path, found.rel_path) for found in walk(watch, start_dir)]
+def scan(watch: Watch) -> list[tuple[str, str]]:
+    return [(found.path, found.rel_path) for found in walk(watch)]
 
 
-def make_watch(path: Path = Path("/watched"), **fields) -> Watch:
-    return Watch(name="reports", path=path, targets=("offsite",), **fields)
+def make_watch(path: Path = Path("/watched"), name: str = "reports", **fields) -> Watch:
+    return Watch(name=name, path=path, targets=("offsite",), **fields)
 
 
 @pytest.mark.parametrize("rel_path", [
@@ -108,12 +110,6 @@ def test_scan_applies_include(tree: Path) -> None:
     assert found == ["sub/deeper/c.csv"]
 
 
-def test_scan_of_a_subdirectory_gives_paths_relative_to_the_watch_root(tree: Path) -> None:
-    found = sorted(rel for _, rel in scan(make_watch(tree), str(tree / "sub")))
-
-    assert found == ["sub/b.pdf", "sub/deeper/c.csv"]
-
-
 def test_scan_without_default_excludes_finds_hidden_files(tree: Path) -> None:
     found = sorted(rel for _, rel in scan(make_watch(tree, exclude=())))
 
@@ -160,36 +156,46 @@ class RecordingScanner:
     """Stands in for Scanner: records each scan, and holds the first until released."""
 
     def __init__(self) -> None:
-        self.scans: list[str | None] = []
+        self.scans: list[str] = []
         self.release = threading.Event()
 
-    def scan(self, watch: Watch, start_dir: str | None = None, *,
-             keep_directory_ids: bool = False) -> ScanReport:
+    def scan(self, watch: Watch, *, keep_directory_ids: bool = False,
+             should_stop=lambda: False) -> ScanReport:
         self.release.wait(5)
-        self.scans.append(start_dir)
+        self.scans.append(watch.name)
         return ScanReport(watch.name, 1, 0, 0, 0, 0.0, {} if keep_directory_ids else None)
 
 
-def test_rescanner_merges_requests_a_waiting_scan_already_covers(tmp_path: Path) -> None:
-    watch = make_watch(tmp_path)
+def test_rescanner_merges_requests_for_a_watch_whose_scan_is_still_waiting(
+        tmp_path: Path) -> None:
+    watches = {name: make_watch(tmp_path, name=name) for name in ("reports", "logs")}
     scanner = RecordingScanner()
-    full_scans: list[str] = []
-    rescanner = Rescanner(scanner, lambda name: watch, lambda name, ids: full_scans.append(name))
+    checked: list[str] = []
+    rescanner = Rescanner(scanner, watches.__getitem__, lambda name, ids: checked.append(name))
     rescanner.start()
     try:
-        rescanner.request("reports", "new directory", str(tmp_path / "busy"))  # runs, held
+        rescanner.request("reports", "start-up")  # runs, held until released
         assert wait_until(lambda: not rescanner._waiting, 5)
-        # A tree moved in: one event per directory, while its top's scan is still waiting.
-        rescanner.request("reports", "new directory", str(tmp_path / "tree"))
-        rescanner.request("reports", "new directory", str(tmp_path / "tree" / "a"))
-        rescanner.request("reports", "new directory", str(tmp_path / "tree" / "a" / "b"))
-        rescanner.request("reports", "new directory", str(tmp_path / "treetop"))  # not inside
-        rescanner.request("reports", "new directory", str(tmp_path / "tree"))  # again
+        for reason in ("overflow", "periodic", "overflow"):  # while the first one runs
+            rescanner.request("reports", reason)
+        rescanner.request("logs", "overflow")
         scanner.release.set()
 
         assert rescanner.wait_idle(5)
     finally:
         rescanner.stop()
-    assert scanner.scans == [str(tmp_path / "busy"), str(tmp_path / "tree"),
-                             str(tmp_path / "treetop")]
-    assert full_scans == []  # only a scan of the whole watch checks inotify's coverage
+    # The one running may have passed a place already: one more scan, not three.
+    assert scanner.scans == ["reports", "reports", "logs"]
+    assert checked == ["reports", "reports", "logs"]  # inotify's coverage after each
+
+
+def test_a_scan_ends_early_when_asked_to_stop(tree: Path, tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "state")
+    queued: list[str] = []
+    try:
+        scanner = Scanner(store, Settler(), lambda batch: queued.extend(r.rel_path for r in batch))
+        report = scanner.scan(make_watch(tree, settle_seconds=0.0), should_stop=lambda: True)
+    finally:
+        store.close()
+
+    assert report.handed_on == 0 and queued == []
