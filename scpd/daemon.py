@@ -24,6 +24,8 @@ log = logging.getLogger("scpd.daemon")
 _TICK_SECONDS = 0.1
 _ROOT_CHECK_SECONDS = 1.0  # how soon a watch root that appears, or is replaced, is watched
 _QUEUED_LINES_AT_INFO = 100  # per batch of ready files
+_LIMIT_CHECK_SECONDS = 5.0  # how soon inotify's watch limit running out is noticed
+_CANARY_DIR = "watch-canary"
 _STOP_GRACE_SECONDS = 5.0  # in-flight uploads may finish; the unit allows 10 s in all
 
 EXIT_OK = 0
@@ -123,7 +125,7 @@ class Daemon:
 
     def _main_loop(self) -> None:
         ping_every = sdnotify.watchdog_interval_seconds()
-        next_ping = next_status = next_root_check = 0.0
+        next_ping = next_status = next_root_check = next_limit_check = 0.0
         while not self.flags.stop_requests:
             self._enqueue_ready()
             self.pool.cut_stalled()
@@ -135,6 +137,9 @@ class Daemon:
                 self.watcher.check_roots()
                 self._request_due_rescans(now)
                 next_root_check = now + _ROOT_CHECK_SECONDS
+            if now >= next_limit_check and self.watcher is not None:
+                self.watcher.check_limit()
+                next_limit_check = now + _LIMIT_CHECK_SECONDS
             if ping_every and now >= next_ping and self._is_healthy():
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = now + ping_every
@@ -158,9 +163,10 @@ class Daemon:
         The first `lines_at_info` queued files get an info line, the rest a debug line and a
         count: a burst of 100,000 would flood the journal (which drops lines past its rate
         limit anyway)."""
-        config = self.config
-        items = [(ready, target) for ready in ready_files
-                 for target in config.watch(ready.watch).targets]
+        targets = {watch.name: watch.targets for watch in self.config.watches}
+        # A scan or event of the config before a reload may name a watch no longer there.
+        ready_files = [ready for ready in ready_files if ready.watch in targets]
+        items = [(ready, target) for ready in ready_files for target in targets[ready.watch]]
         queued = self.store.enqueue_many(
             [(ready.watch, target, ready.rel_path, ready.version) for ready, target in items])
         queued_files, woken_targets, lines = set(), set(), 0
@@ -191,13 +197,12 @@ class Daemon:
 
     def _start_watching(self) -> None:
         # Watch first, then scan: a file written in between is seen by one or the other.
-        self.rescanner = Rescanner(self.scanner, self.config.watch, self._after_scan)
+        self.rescanner = Rescanner(self.scanner, self.config.watch, self._before_scan,
+                                   self._after_scan)
         self.rescanner.start()
         self.watcher = Watcher(self.config.watches, self._note, self.settler.forget,
-                               self._request_rescan)
-        self.watcher.start()
-        if not self.watcher.wait_until_watching(timeout=60):
-            log.warning("inotify watches are still being added; scanning meanwhile")
+                               self._request_rescan, self.config.state_dir / _CANARY_DIR)
+        self.watcher.start()  # every watch is in place when it returns
         now = time.monotonic()
         for watch in self.config.watches:
             self._request_rescan(watch.name, "start-up")
@@ -219,6 +224,12 @@ class Daemon:
             if now >= self._next_rescan_at.get(watch.name, 0.0):
                 self._request_rescan(watch.name, "periodic")
                 self._next_rescan_at[watch.name] = now + watch.rescan_interval_seconds
+
+    def _before_scan(self, watch_name: str, reason: str) -> None:
+        # After an overflow watchdog rebuilds its watches; a scan racing the rebuild could
+        # list a directory not yet watched again and miss a file written there meanwhile.
+        if reason == "overflow" and self.watcher is not None:
+            self.watcher.wait_for_events_so_far()
 
     def _after_scan(self, watch_name: str,
                          directory_ids: dict[tuple[int, int], str]) -> None:

@@ -27,6 +27,7 @@ from scpd.store import Store
 log = logging.getLogger("scpd.scanner")
 
 _BATCH = 500  # ready files per queue transaction: one commit per batch, not per file
+_RETRY_FAILED_SCAN_SECONDS = 30
 
 QueueReadyFn = Callable[[list[ReadyFile]], None]
 
@@ -209,10 +210,12 @@ class Rescanner(threading.Thread):
     still waiting is merged into it."""
 
     def __init__(self, scanner: Scanner, watch_of: Callable[[str], Watch],
+                 before_scan: Callable[[str, str], None],
                  after_scan: Callable[[str, dict[tuple[int, int], str]], None]):
         super().__init__(name="scpd-rescan", daemon=True)
         self.scanner = scanner
         self.watch_of = watch_of
+        self.before_scan = before_scan  # (watch name, reason)
         self.after_scan = after_scan  # (watch name, directory ids -> paths)
         self._requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._waiting: set[str] = set()
@@ -233,26 +236,41 @@ class Rescanner(threading.Thread):
         return self._idle.wait(timeout)
 
     def stop(self) -> None:
+        """Waiting scans are dropped and a running one ends at its next file: the next
+        start-up scan does their work."""
         self._stopping.set()
         self._requests.put(None)
-        self.join(timeout=10)
+        self.join(timeout=3)
 
     def run(self) -> None:
         while (item := self._requests.get()) is not None:
             watch_name, reason = item
             with self._lock:
                 self._waiting.discard(watch_name)
+            if self._stopping.is_set():
+                continue
             try:
                 self._scan(self.watch_of(watch_name), reason)
             except Exception:  # noqa: BLE001 -- the next scan must still run
-                log.exception("scan of watch %s failed; the next one retries", watch_name)
+                log.exception("scan of watch %s failed; trying again in %ds", watch_name,
+                              _RETRY_FAILED_SCAN_SECONDS)
+                self._retry_later(watch_name)
             with self._lock:
                 if not self._waiting:
                     self._idle.set()
 
+    def _retry_later(self, watch_name: str) -> None:
+        # What the failed scan held back (a batch not queued) must not wait for the periodic
+        # scan; and a failing disk must not be hammered.
+        timer = threading.Timer(_RETRY_FAILED_SCAN_SECONDS, self.request,
+                                (watch_name, "retry of a failed"))
+        timer.daemon = True
+        timer.start()
+
     def _scan(self, watch: Watch, reason: str) -> None:
         if not os.path.isdir(watch.path):
             return  # the watcher reports a missing root
+        self.before_scan(watch.name, reason)
         report = self.scanner.scan(watch, keep_directory_ids=True,
                                    should_stop=self._stopping.is_set)
         if self._stopping.is_set():

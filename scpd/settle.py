@@ -55,6 +55,7 @@ class _Candidate:
     version: FileVersion | None = None
     changed_at: float = 0.0
     due_at: float = 0.0  # when to look at it next
+    notes: int = 0  # events about it so far: one arriving while it is looked at voids the look
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +101,12 @@ class Settler:
                 self._candidates[watch, path] = _Candidate(
                     watch, rel_path, settle_seconds, is_closed, follow_symlinks, due_at=now)
                 self._push(now, (watch, path))
-            elif is_closed and not candidate.is_closed:
-                candidate.is_closed = True
-                candidate.due_at = now
-                self._push(now, (watch, path))
+            else:
+                candidate.notes += 1
+                if is_closed and not candidate.is_closed:
+                    candidate.is_closed = True
+                    candidate.due_at = now
+                    self._push(now, (watch, path))
 
     def offer(self, watch: str, path: str, rel_path: str, settle_seconds: float,
               st: os.stat_result, *, follow_symlinks: bool = False) -> ReadyFile | None:
@@ -128,19 +131,21 @@ class Settler:
     def take_ready(self) -> list[ReadyFile]:
         """Ready files, removed from the candidates. Vanished or non-regular paths are dropped."""
         now = self._clock()
-        due: list[tuple[_Key, _Candidate, float]] = []
+        due: list[tuple[_Key, _Candidate, float, int]] = []
         with self._lock:
             while self._due and self._due[0][0] <= now and len(due) < _MAX_LOOKS_PER_TAKE:
                 due_at, _, key = heapq.heappop(self._due)
                 candidate = self._candidates.get(key)
                 if candidate is not None and candidate.due_at == due_at:
-                    due.append((key, candidate, due_at))
+                    due.append((key, candidate, due_at, candidate.notes))
         ready: list[ReadyFile] = []
-        for key, candidate, looked_for_at in due:
+        for key, candidate, looked_for_at, notes in due:
             verdict = self._judge(key[1], candidate, now)
             with self._lock:
                 if self._candidates.get(key) is not candidate:
                     continue  # forgotten (deleted) while we looked
+                if candidate.notes != notes and verdict is not _GONE:
+                    verdict = now  # it changed while we looked: look again, not hand out
                 if isinstance(verdict, float):
                     # A close noted while we looked keeps its earlier due time.
                     moved = candidate.due_at != looked_for_at

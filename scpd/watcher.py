@@ -5,22 +5,27 @@ Known gaps of inotify and what covers each (research: libraries.md section 3):
 - files inside a directory created, copied or moved in, before its watch existed: watchdog
   7.1 walks each new directory once it is watched and reports what it finds (the tests of
   cp -r, tar -x and mv of a tree hold it to that);
-- kernel queue overflow (watchdog only logs it): a scan of every inotify watch;
-- watches the kernel would not add (max_user_watches; watchdog skips them silently):
-  `unwatched_dirs` compares a scan's directories with what inotify holds, and the daemon
-  polls such a watch instead;
-- a missing, deleted or replaced root: `check_roots`, called about once a second.
+- kernel queue overflow (watchdog only logs it): a scan of every inotify watch, once
+  watchdog has rebuilt its watches (the canary tells when);
+- watches the kernel would not add (max_user_watches; watchdog skips them silently): after
+  each full scan, `check_coverage` compares its directories with what inotify holds, and
+  `check_limit` notices the limit running out later; such a watch is polled instead;
+- a missing, deleted or replaced root: `check_roots`, called about once a second;
+- a dead inotify reader thread, which no thread check shows: the canary, a file written in
+  scpd's own directory that must come back as an event.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from watchdog.events import (
     FileClosedEvent,
@@ -35,6 +40,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from scpd import inotify
 from scpd.config import Watch
 from scpd.scanner import PathFilter
 
@@ -102,7 +108,8 @@ class _Handler(FileSystemEventHandler):
 @dataclass
 class _Scheduled:
     observer: BaseObserver
-    observed: ObservedWatch
+    observed: ObservedWatch  # watchdog shares one emitter among equal ObservedWatch keys
+    handler: _Handler
     root_id: tuple[int, int]  # (st_dev, st_ino) of the root when it was scheduled
 
 
@@ -118,28 +125,79 @@ class _OverflowListener(logging.Handler):
             self.on_overflow()
 
 
+class _Canary(FileSystemEventHandler):
+    """Files scpd creates in its own directory, watched by the same inotify instance as the
+    watches. watchdog's one reader thread handles events in order, so hearing of a canary
+    proves that it lives and has handled everything before it (a rebuild after overflow)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._numbers = itertools.count(1)
+        self._heard = 0
+        self._unheard_since: float | None = None  # when the oldest unheard canary was sent
+        self._condition = threading.Condition()
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        name = os.path.basename(os.fsdecode(event.src_path))
+        if name.startswith("canary-") and name[7:].isdigit():
+            with self._condition:
+                self._heard = max(self._heard, int(name[7:]))
+                self._unheard_since = None
+                self._condition.notify_all()
+
+    def send(self) -> int | None:
+        """The canary's number; None if it could not be written (a full state disk)."""
+        number = next(self._numbers)
+        path = self.directory / f"canary-{number}"
+        try:
+            path.touch()
+            path.unlink()
+        except OSError as exc:
+            log.warning("cannot write the inotify canary %s: %s", path, exc.strerror or exc)
+            return None
+        with self._condition:
+            if self._unheard_since is None:
+                self._unheard_since = time.monotonic()
+        return number
+
+    def wait(self, number: int, timeout: float) -> bool:
+        with self._condition:
+            return self._condition.wait_for(lambda: self._heard >= number, timeout)
+
+    def unheard_for(self) -> float:
+        with self._condition:
+            since = self._unheard_since
+        return 0.0 if since is None else time.monotonic() - since
+
+
+_CANARY_DEADLINE_SECONDS = 10.0  # a reader that has not handled a canary by then is stuck
+
+
 class Watcher:
     """inotify for every watch (one watchdog Observer), or a PollingObserver per watch that
     polls. start(), then check_roots() about once a second, stop() at the end."""
 
     def __init__(self, watches: tuple[Watch, ...], note: NoteFn, forget: ForgetFn,
-                 rescan: RescanFn):
+                 rescan: RescanFn, canary_dir: Path):
         self.watches = {watch.name: watch for watch in watches}
         self._note = note
         self._forget = forget
         self._rescan = rescan
+        self._canary = _Canary(canary_dir)
         self._inotify: BaseObserver | None = None
         try:
             self._inotify = Observer()
         except OSError as exc:
             log.error("inotify is not available (%s); polling every watch instead%s",
-                      exc.strerror or exc, inotify_limit_hint(instances=True))
+                      exc.strerror or exc, inotify.limit_hint(instances=True))
         self._pollers: dict[str, PollingObserver] = {}
         self._scheduled: dict[str, _Scheduled] = {}
-        self._missing: set[str] = set()
+        self._lost: set[str] = set()  # not watched since: scanned once watched again
         self._polled = {watch.name for watch in watches if watch.poll or self._inotify is None}
+        self._watches_exhausted = False
         self._overflow_listener = _OverflowListener(self._on_overflow)
         self._lock = threading.RLock()  # the main loop and the rescan thread both reschedule
+        self._stopped = False
 
     def start(self) -> None:
         overflow_logger = logging.getLogger(_OVERFLOW_LOGGER)
@@ -147,82 +205,92 @@ class Watcher:
             overflow_logger.setLevel(logging.WARNING)  # the overflow record must be made
         overflow_logger.addHandler(self._overflow_listener)
         if self._inotify is not None:
-            self._inotify.start()
+            self._canary.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._inotify.schedule(self._canary, str(self._canary.directory),
+                                   event_filter=[FileCreatedEvent])
+            self._inotify.start()  # watchdog adds the watches before start() returns
         self.check_roots(is_start=True)
 
     def stop(self) -> None:
+        with self._lock:
+            self._stopped = True  # a scan finishing late must not reschedule anything
+            observers = self._observers()
         logging.getLogger(_OVERFLOW_LOGGER).removeHandler(self._overflow_listener)
-        for observer in self._observers():
+        for observer in observers:
             observer.stop()
-        for observer in self._observers():
+        for observer in observers:
             if observer.is_alive():
                 observer.join(timeout=5)
 
     def is_alive(self) -> bool:
-        """Every observer thread and every emitter thread is running (once roots that went
-        away, which end their emitter, are let go)."""
+        """Every observer and emitter thread runs (once roots that went away, which end their
+        emitter, are let go), and the inotify reader handles events: for the systemd
+        watchdog."""
         self.check_roots()
-        return all(o.is_alive() and all(e.is_alive() for e in o.emitters)
-                   for o in self._observers())
-
-    def _observers(self) -> list[BaseObserver]:
         with self._lock:
-            return [o for o in (self._inotify, *self._pollers.values()) if o is not None]
+            threads_run = all(o.is_alive() and all(e.is_alive() for e in list(o.emitters))
+                              for o in self._observers())
+        if self._inotify is None:
+            return threads_run
+        if self._canary.unheard_for() == 0.0:
+            self._canary.send()  # heard by the next check, or the reader is stuck
+        return threads_run and self._canary.unheard_for() < _CANARY_DEADLINE_SECONDS
 
-    def wait_until_watching(self, timeout: float) -> bool:
-        """Until every inotify emitter has added its watches (it does so on its own thread):
-        a start-up scan begun earlier could list a directory before it is watched, and miss
-        a file written there in between."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            # watchdog 7 publishes `_inotify` once its recursive watches are in place; if a
-            # later release drops the attribute, this stops waiting rather than hang.
-            if all(getattr(e, "_inotify", True) is not None or not e.is_alive()
-                   for o in self._observers() if not isinstance(o, PollingObserver)
-                   for e in o.emitters):
-                return True
-            time.sleep(0.01)
-        return False
+    def wait_for_events_so_far(self, timeout: float = 60.0) -> bool:
+        """Until inotify's reader has handled every event queued before this call."""
+        if self._inotify is None:
+            return True
+        number = self._canary.send()
+        return number is not None and self._canary.wait(number, timeout)
 
     def check_roots(self, *, is_start: bool = False) -> None:
         """(Re)watch every root that exists now; let go of those that vanished or were
         replaced. A root that comes back is scanned: its files got no events."""
         with self._lock:
-            self._check_roots(is_start)
+            if self._stopped:
+                return
+            self._let_go_of_stale_roots()
+            self._watch_present_roots(is_start)
 
-    def _check_roots(self, is_start: bool) -> None:
-        for watch in self.watches.values():
-            root_id = _identity(watch.path)
-            scheduled = self._scheduled.get(watch.name)
+    def _let_go_of_stale_roots(self) -> None:
+        # All are let go before any is scheduled again: two watches of one directory share
+        # an emitter, and a new one must not pass for the other's old one.
+        for name, scheduled in list(self._scheduled.items()):
+            root_id = _identity(self.watches[name].path)
             # A root deleted and made again may get the same inode number back; its watch
             # died with the old one (watchdog ends that emitter), so that is checked too.
-            if scheduled is not None and scheduled.root_id == root_id and _is_running(scheduled):
+            if root_id == scheduled.root_id and _is_running(scheduled):
                 continue
-            if scheduled is not None:
-                self._unschedule(watch.name)
-                if root_id is None:
-                    log.warning("watch %s: %s was removed; watching it again when it is back",
-                                watch.name, watch.path)
+            if root_id is None:
+                log.warning("watch %s: %s was removed; watching it again when it is back",
+                            name, self.watches[name].path)
+            self._unschedule(name)
+            self._lost.add(name)
+
+    def _watch_present_roots(self, is_start: bool) -> None:
+        for watch in self.watches.values():
+            if watch.name in self._scheduled:
+                continue
+            root_id = _identity(watch.path)
             if root_id is None:
                 if is_start:
                     log.warning("watch %s: %s does not exist; watching it when it appears",
                                 watch.name, watch.path)
-                self._missing.add(watch.name)
+                self._lost.add(watch.name)
                 continue
-            was_lost = watch.name in self._missing or scheduled is not None
             if not self._schedule(watch, root_id):
+                self._lost.add(watch.name)
                 continue
-            if was_lost and not is_start:
-                log.info("watch %s: %s is there; watching it%s", watch.name, watch.path,
-                         " again" if scheduled is not None else "")
+            if watch.name in self._lost and not is_start:
+                log.info("watch %s: %s is there; watching it", watch.name, watch.path)
                 self._rescan(watch.name, "appeared")
-            self._missing.discard(watch.name)
+            self._lost.discard(watch.name)
 
     def check_coverage(self, watch_name: str, directories: dict[tuple[int, int], str]) -> None:
         """After a full scan of a watch: if inotify holds no watch on some of its directories
         (the kernel's limit ran out; watchdog skips those silently), poll the watch instead."""
         with self._lock:
-            if watch_name in self._polled or watch_name not in self._scheduled:
+            if self._stopped or watch_name in self._polled or watch_name not in self._scheduled:
                 return
         unwatched = _unwatched(directories)
         if unwatched:
@@ -234,12 +302,30 @@ class Watcher:
         log.error("watch %s: inotify watches only %d of its %d directories (for example not"
                   " %s); polling it every %gs instead%s", watch_name,
                   len(directories) - len(unwatched), len(directories), unwatched[0],
-                  watch.poll_interval_seconds, inotify_limit_hint(len(directories)))
+                  watch.poll_interval_seconds, inotify.limit_hint(len(directories)))
         with self._lock:
+            if self._stopped:
+                return
             self._polled.add(watch_name)
             self._unschedule(watch_name)
-            self._check_roots(is_start=False)
+            self._watch_present_roots(is_start=False)
         self._rescan(watch_name, "unwatched directories")
+
+    def check_limit(self) -> None:
+        """Notice the kernel's watch limit running out while scpd runs: new directories would
+        go unwatched without a word. The scans that follow check every inotify watch."""
+        with self._lock:
+            names = [name for name in self._scheduled
+                     if name not in self._polled and self.watches[name].recursive]
+            if self._stopped or not names:
+                return
+        exhausted = inotify.watches_exhausted(str(self._canary.directory))
+        if exhausted and not self._watches_exhausted:
+            log.warning("no inotify watch is left for this user; checking every watch%s",
+                        inotify.limit_hint())
+            for name in names:
+                self._rescan(name, "inotify watch limit")
+        self._watches_exhausted = exhausted
 
     def _schedule(self, watch: Watch, root_id: tuple[int, int]) -> bool:
         watched_root = os.path.realpath(watch.path)
@@ -258,10 +344,10 @@ class Watcher:
                 return False
             log.error("watch %s: inotify cannot watch %s (%s); polling it every %gs instead%s",
                       watch.name, watch.path, exc.strerror or exc, watch.poll_interval_seconds,
-                      inotify_limit_hint(instances=exc.errno == errno.EMFILE))
+                      inotify.limit_hint(instances=exc.errno == errno.EMFILE))
             self._polled.add(watch.name)
             return self._schedule(watch, root_id)
-        self._scheduled[watch.name] = _Scheduled(observer, observed, root_id)
+        self._scheduled[watch.name] = _Scheduled(observer, observed, handler, root_id)
         return True
 
     def _observer_for(self, watch: Watch) -> BaseObserver:
@@ -273,28 +359,43 @@ class Watcher:
             self._pollers[watch.name] = poller
         return self._pollers[watch.name]
 
+    def _sharing(self, scheduled: _Scheduled) -> list[str]:
+        """Our watches on the same watchdog emitter (two watches of one directory)."""
+        return [name for name, other in self._scheduled.items()
+                if other.observer is scheduled.observer and other.observed == scheduled.observed]
+
     def _unschedule(self, watch_name: str) -> None:
         scheduled = self._scheduled.pop(watch_name, None)
-        if scheduled is not None:
-            try:
+        if scheduled is None:
+            return
+        try:
+            if self._sharing(scheduled):  # the emitter still serves another watch
+                scheduled.observer.remove_handler_for_watch(scheduled.handler,
+                                                            scheduled.observed)
+            else:
                 scheduled.observer.unschedule(scheduled.observed)
-            except KeyError:
-                pass  # already dropped by watchdog
+        except KeyError:
+            pass  # already dropped by watchdog
+
+    def _observers(self) -> list[BaseObserver]:
+        return [o for o in (self._inotify, *self._pollers.values()) if o is not None]
 
     def _on_overflow(self) -> None:
-        # Called on watchdog's inotify thread: only ask for scans, which run elsewhere.
+        # Called on watchdog's inotify thread, before watchdog rebuilds its watches: only ask
+        # for scans, which wait for the rebuild (wait_for_events_so_far) and run elsewhere.
         with self._lock:
-            names = list(self._scheduled)
+            if self._stopped:
+                return
+            names = [name for name in self._scheduled if name not in self._polled]
         for name in names:
-            if name not in self._polled:
-                log.warning("watch %s: the kernel's inotify queue overflowed and events were"
-                            " lost; rescanning", name)
-                self._rescan(name, "overflow")
+            log.warning("watch %s: the kernel's inotify queue overflowed and events were"
+                        " lost; rescanning", name)
+            self._rescan(name, "overflow")
 
 
 def _is_running(scheduled: _Scheduled) -> bool:
     return any(e.watch == scheduled.observed and e.is_alive()
-               for e in scheduled.observer.emitters)
+               for e in list(scheduled.observer.emitters))
 
 
 def _identity(path: os.PathLike[str] | str) -> tuple[int, int] | None:
@@ -306,66 +407,6 @@ def _identity(path: os.PathLike[str] | str) -> tuple[int, int] | None:
 
 
 def _unwatched(directories: dict[tuple[int, int], str]) -> list[str]:
-    watched = inotify_watched_inodes()
+    watched = inotify.watched_inodes()
     return [path for dir_id, path in directories.items()
-            if dir_id not in watched and _identity(path) == dir_id]
-
-
-# -- the kernel's inotify limits --------------------------------------------------------------
-
-_MAX_WATCHES_FILES = ("/proc/sys/fs/inotify/max_user_watches",
-                      "/proc/sys/user/max_inotify_watches")  # the second: per user namespace
-
-
-_MAX_INSTANCES_FILES = ("/proc/sys/fs/inotify/max_user_instances",
-                        "/proc/sys/user/max_inotify_instances")
-
-
-def inotify_limit(files: tuple[str, ...] = _MAX_WATCHES_FILES) -> int | None:
-    """The lowest of the machine's and this user namespace's limit, if readable."""
-    limits = []
-    for name in files:
-        try:
-            with open(name, encoding="ascii") as f:
-                limits.append(int(f.read()))
-        except (OSError, ValueError):
-            continue
-    return min(limits, default=None)
-
-
-def inotify_limit_hint(needed: int | None = None, *, instances: bool = False) -> str:
-    """What to raise, as the exact sysctl command."""
-    key = "fs.inotify.max_user_instances" if instances else "fs.inotify.max_user_watches"
-    limit = inotify_limit(_MAX_INSTANCES_FILES if instances else _MAX_WATCHES_FILES)
-    if limit is None:
-        return f" (raise {key})"
-    wanted = max(2 * limit, 2 * (needed or 0), 128)
-    return (f" ({key} is {limit}; raise it with `sysctl -w {key}={wanted}`"
-            f" and in /etc/sysctl.d/)")
-
-
-def inotify_watched_inodes() -> set[tuple[int, int]]:
-    """(st_dev, st_ino) of every inode this process's inotify instances watch, from
-    /proc/self/fdinfo: what the kernel really holds, whatever watchdog believes."""
-    watched: set[tuple[int, int]] = set()
-    for fd in _inotify_fds():
-        try:
-            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            if line.startswith("inotify wd:"):
-                fields = dict(part.split(":", 1) for part in line.split()[1:] if ":" in part)
-                sdev = int(fields["sdev"], 16)  # the kernel's dev_t: major << 20 | minor
-                watched.add((os.makedev(sdev >> 20, sdev & 0xFFFFF), int(fields["ino"], 16)))
-    return watched
-
-
-def _inotify_fds() -> Iterable[str]:
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
-                yield fd
-        except OSError:
-            continue
+            if dir_id[1] not in watched and _identity(path) == dir_id]

@@ -8,6 +8,7 @@ import shutil
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,19 +63,47 @@ def test_a_kernel_queue_overflow_is_followed_by_a_scan_that_misses_nothing(
     assert "overflow scan of watch outbox" in daemon.log()
 
 
+def test_files_written_while_watchdog_rebuilds_its_watches_after_an_overflow_are_queued(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path):
+    # After an overflow watchdog removes and re-adds the watch of every directory; a scan
+    # running meanwhile lists directories not yet watched again, and a file written into
+    # one of them then gets neither an event nor a scan. So the scan waits for the rebuild.
+    setup = write_config(tmp_path, sshd, known_hosts, remote_dir, port=free_port())
+    directories = [setup.watch_dir / f"a{i:03d}" / f"b{j:02d}"
+                   for i in range(100) for j in range(40)]
+    for directory in directories:
+        directory.mkdir(parents=True)
+    (setup.watch_dir / "flood").mkdir()
+    count = overflow_file_count()
+    expected = {f"flood/f{i:05d}.csv" for i in range(count)}
+    with running(setup.start_daemon()) as daemon:
+        daemon.process.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(count):
+                (setup.watch_dir / "flood" / f"f{i:05d}.csv").write_bytes(b"x")
+        finally:
+            daemon.process.send_signal(signal.SIGCONT)
+        # While the rebuild runs, and after: bottom-up, against its order.
+        deadline = time.monotonic() + 4
+        for late in (f"late{n}.csv" for n in range(100)):
+            for directory in reversed(directories):
+                if time.monotonic() > deadline:
+                    break
+                (directory / late).write_bytes(b"y")
+                expected.add(f"{directory.relative_to(setup.watch_dir)}/{late}")
+                time.sleep(0.0005)
+
+        assert wait_until(lambda: queued_paths(setup) >= expected, 30), (
+            f"never queued: {sorted(expected - queued_paths(setup))[:5]}\n{daemon.log()[-3000:]}")
+    assert "overflow scan of watch outbox" in daemon.log()
+
+
 def test_directories_inotify_cannot_watch_make_the_watch_poll_with_the_sysctl_named(
         setup: Setup):
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare (util-linux) is missing")
     for i in range(40):
         (setup.watch_dir / f"d{i:02d}" / "sub").mkdir(parents=True)
-    edit_watch(setup, 'poll_interval = "200ms"')
-    # The watch limit is per user namespace: lower this one's, not the machine's. 81
-    # directories against a limit of 30: watchdog leaves the rest unwatched, silently.
-    script = 'echo 30 > /proc/sys/user/max_inotify_watches && exec "$@"'
-    daemon = DaemonProcess(["unshare", "-U", "-r", "sh", "-c", script, "sh", sys.executable,
-                            "-m", "scpd", "run", "-c", str(setup.config)])
-    with running(daemon):
+    # 81 directories against a limit of 30: watchdog leaves the rest unwatched, silently.
+    with running(daemon_with_watch_limit(setup, 30)) as daemon:
         assert daemon.wait_for_log("polling it every 0.2s instead", 20), daemon.log()
         deep = setup.watch_dir / "d39" / "sub" / "late.csv"
         deep.write_bytes(os.urandom(1000))
@@ -84,6 +113,22 @@ def test_directories_inotify_cannot_watch_make_the_watch_poll_with_the_sysctl_na
     assert sha256(setup.remote_dir / "d39/sub/late.csv") == sha256(deep)
     assert "inotify watches only" in daemon.log()
     assert "sysctl -w fs.inotify.max_user_watches=" in daemon.log()
+
+
+def test_the_watch_limit_running_out_later_is_noticed_and_the_watch_polled(setup: Setup):
+    for i in range(10):
+        (setup.watch_dir / f"d{i:02d}").mkdir()
+    with running(daemon_with_watch_limit(setup, 30)) as daemon:
+        assert daemon.wait_for_log("start-up scan of watch outbox", 20), daemon.log()
+        for i in range(10, 50):  # 51 directories now, against 30 watches: no event, no error
+            (setup.watch_dir / f"d{i:02d}").mkdir()
+        late = setup.watch_dir / "d49" / "late.csv"
+        late.write_bytes(os.urandom(1000))
+
+        assert wait_until(lambda: (setup.remote_dir / "d49/late.csv").exists(), 20), \
+            daemon.log()
+    assert "no inotify watch is left for this user" in daemon.log()
+    assert "polling it every 0.2s instead" in daemon.log()
 
 
 def test_the_periodic_scan_queues_a_file_the_queue_forgot(setup: Setup):
@@ -116,6 +161,17 @@ def test_a_polled_watch_delivers_new_and_changed_files(setup: Setup):
             f.write(b"appended\n")
 
         assert wait_until(lambda: sha256(remote) == sha256(nested), 20), daemon.log()
+
+
+def daemon_with_watch_limit(setup: Setup, max_watches: int) -> DaemonProcess:
+    """scpd in a user namespace of its own, whose inotify watch limit is lowered (the limit is
+    per user namespace: the machine's is left alone); its polled watches poll every 200 ms."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare (util-linux) is missing")
+    edit_watch(setup, 'poll_interval = "200ms"')
+    script = f'echo {max_watches} > /proc/sys/user/max_inotify_watches && exec "$@"'
+    return DaemonProcess(["unshare", "-U", "-r", "sh", "-c", script, "sh", sys.executable,
+                          "-m", "scpd", "run", "-c", str(setup.config)])
 
 
 def edit_watch(setup: Setup, lines: str) -> None:

@@ -171,7 +171,9 @@ def test_rescanner_merges_requests_for_a_watch_whose_scan_is_still_waiting(
     watches = {name: make_watch(tmp_path, name=name) for name in ("reports", "logs")}
     scanner = RecordingScanner()
     checked: list[str] = []
-    rescanner = Rescanner(scanner, watches.__getitem__, lambda name, ids: checked.append(name))
+    reasons: list[str] = []
+    rescanner = Rescanner(scanner, watches.__getitem__, lambda name, why: reasons.append(why),
+                          lambda name, ids: checked.append(name))
     rescanner.start()
     try:
         rescanner.request("reports", "start-up")  # runs, held until released
@@ -187,6 +189,7 @@ def test_rescanner_merges_requests_for_a_watch_whose_scan_is_still_waiting(
     # The one running may have passed a place already: one more scan, not three.
     assert scanner.scans == ["reports", "reports", "logs"]
     assert checked == ["reports", "reports", "logs"]  # inotify's coverage after each
+    assert reasons == ["start-up", "overflow", "overflow"]  # the first of those merged
 
 
 def test_a_scan_ends_early_when_asked_to_stop(tree: Path, tmp_path: Path) -> None:

@@ -279,3 +279,24 @@ def test_settler_a_close_while_waiting_for_quiet_is_not_delayed(
     settler.note("reports", PATH, "report.pdf", SETTLE, is_closed=True)
 
     assert ready_paths(settler) == [PATH]  # no clock advance needed
+
+
+def test_settler_an_event_arriving_while_a_file_is_looked_at_voids_that_look(
+        clock: FakeClock, files: FakeFiles) -> None:
+    settler: Settler
+
+    def probe_while_the_writer_strikes(path: str) -> bool:
+        # Between the look's stat and its verdict the writer appends and closes again.
+        files.write(PATH, 20)
+        settler.note("reports", PATH, "report.pdf", SETTLE, is_closed=True)
+        return False
+
+    settler = Settler(clock=lambda: clock.monotonic, wall_clock=lambda: clock.wall,
+                      lstat=files.lstat, is_being_written=probe_while_the_writer_strikes)
+    files.write(PATH, 10)
+    settler.note("reports", PATH, "report.pdf", SETTLE, is_closed=True)
+
+    assert settler.take_ready() == []  # the 10-byte version it saw is already stale
+    settler._is_being_written = files.is_being_written
+    [ready] = settler.take_ready()
+    assert ready.version.size == 20
