@@ -20,13 +20,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from scpd.config import Watch
-from scpd.fileversion import FileVersion
 from scpd.settle import ReadyFile, Settler
 from scpd.store import Store
 
 log = logging.getLogger("scpd.scanner")
 
-_BATCH = 500  # ready files per queue transaction: one commit per batch, not per file
+_BATCH = 500  # files per queue read and per queue transaction, not one each
 _RETRY_FAILED_SCAN_SECONDS = 30
 
 QueueReadyFn = Callable[[list[ReadyFile]], None]
@@ -176,32 +175,49 @@ class Scanner:
         (the next start-up scan does its work)."""
         started = time.monotonic()
         stats = WalkStats(directory_ids={} if keep_directory_ids else None)
-        batch: list[ReadyFile] = []
+        found_files: list[FoundFile] = []
         handed_on = 0
         for found in walk(watch, stats):
             if should_stop():
+                found_files = []
                 break
-            if self._is_settled_already(watch, found):
+            found_files.append(found)
+            if len(found_files) == _BATCH:
+                handed_on += self._hand_on(watch, found_files)
+                found_files = []
+        handed_on += self._hand_on(watch, found_files)
+        return ScanReport(watch.name, stats.directories, stats.files, handed_on, stats.skipped,
+                          time.monotonic() - started, stats.directory_ids)
+
+    def _hand_on(self, watch: Watch, found_files: list[FoundFile]) -> int:
+        """Files whose version is not yet queued or delivered everywhere: ready ones to the
+        queue (one transaction), young ones to the settler. Returns how many."""
+        held = self._held_versions(watch, found_files)
+        ready_files: list[ReadyFile] = []
+        handed_on = 0
+        for found in found_files:
+            version = (found.stat.st_size, found.stat.st_mtime_ns)
+            held_by_target = held.get(found.rel_path, {})
+            if all(held_by_target.get(target) == version for target in watch.targets):
                 continue
             handed_on += 1
             ready = self.settler.offer(watch.name, found.path, found.rel_path,
                                        watch.settle_seconds, found.stat,
                                        follow_symlinks=watch.follow_symlinks)
             if ready is not None:
-                batch.append(ready)
-                if len(batch) >= _BATCH:
-                    self.queue_ready(batch)
-                    batch = []
-        if batch:
-            self.queue_ready(batch)
-        return ScanReport(watch.name, stats.directories, stats.files, handed_on, stats.skipped,
-                          time.monotonic() - started, stats.directory_ids)
+                ready_files.append(ready)
+        if ready_files:
+            self.queue_ready(ready_files)
+        return handed_on
 
-    def _is_settled_already(self, watch: Watch, found: FoundFile) -> bool:
-        """This version is delivered or queued for every target: nothing to do. (With an
-        on_success action, a file still here may be one a crash kept from being moved.)"""
-        return watch.on_success == "keep" and self.store.owes_nothing(
-            watch.name, found.rel_path, FileVersion.of(found.stat), watch.targets)
+    def _held_versions(self, watch: Watch, found_files: list[FoundFile]
+                       ) -> dict[str, dict[str, tuple[int, int]]]:
+        # With an on_success action, a file still here may be one a crash kept from being
+        # moved or deleted: hand it on, and the queue's no-op leads to the action.
+        if watch.on_success != "keep" or not found_files:
+            return {}
+        return self.store.held_versions(watch.name, [f.rel_path for f in found_files],
+                                        watch.targets)
 
 
 class Rescanner(threading.Thread):

@@ -76,7 +76,8 @@ def _DELIVERED_IS(prefix: str = "") -> str:  # noqa: N802 -- reads as SQL
 
 
 def _HAS_VERSION(size: str, mtime_ns: str) -> str:  # noqa: N802 -- reads as SQL
-    """SQL: the job already holds this version, delivered or queued (enqueue is a no-op)."""
+    """SQL: the job already holds this version, delivered or queued (enqueue is a no-op).
+    held_versions() reads the same rule."""
     return (f"((state = 'delivered' AND delivered_size = {size}"
             f" AND delivered_mtime_ns = {mtime_ns})"
             f" OR (state != 'delivered' AND size = {size} AND mtime_ns = {mtime_ns}))")
@@ -192,19 +193,26 @@ class Store:
              version.inode, now)).fetchone()
         return row is not None and row[0] != JobState.DELIVERED
 
-    def owes_nothing(self, watch: str, rel_path: str, version: FileVersion,
-                     targets: tuple[str, ...]) -> bool:
-        """True if every target has this version delivered or already queued: what a scan
-        asks of each file it finds, so one indexed read, no write."""
+    def held_versions(self, watch: str, rel_paths: list[str], targets: tuple[str, ...]
+                      ) -> dict[str, dict[str, tuple[int, int]]]:
+        """{relative path: {target: (size, mtime_ns)}}: the version each job already holds,
+        delivered or queued; enqueue() of that version is a no-op. What a scan asks of the
+        files it finds, a few hundred per indexed read."""
+        paths = [os.fsencode(rel) for rel in rel_paths]
         with self._lock:
-            n = self._db.execute(
+            rows = self._db.execute(
                 f"""
-                SELECT COUNT(*) FROM jobs WHERE watch = ? AND rel_path = ?
-                  AND target IN ({_placeholders(targets)}) AND {_HAS_VERSION("?", "?")}
+                SELECT rel_path, target,
+                       CASE state WHEN 'delivered' THEN delivered_size ELSE size END,
+                       CASE state WHEN 'delivered' THEN delivered_mtime_ns ELSE mtime_ns END
+                FROM jobs WHERE watch = ? AND target IN ({_placeholders(targets)})
+                  AND rel_path IN ({_placeholders(tuple(paths))})
                 """,
-                (watch, os.fsencode(rel_path), *targets, *[version.size, version.mtime_ns] * 2)
-            ).fetchone()[0]
-        return n == len(targets)
+                (watch, *targets, *paths)).fetchall()
+        held: dict[str, dict[str, tuple[int, int]]] = {}
+        for rel_path, target, size, mtime_ns in rows:
+            held.setdefault(os.fsdecode(rel_path), {})[target] = (size, mtime_ns)
+        return held
 
     # -- workers -----------------------------------------------------------------------------
 

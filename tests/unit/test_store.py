@@ -453,28 +453,50 @@ def test_store_remembers_the_remote_temp_of_an_attempt_until_delivery(store: Sto
     assert store.claim("offsite", WATCHES, now=T0 + 1).remote_temp is None
 
 
-def test_store_owes_nothing_only_when_every_target_has_the_version(store: Store) -> None:
+def test_store_held_versions_are_what_each_target_has_delivered_or_queued(
+        store: Store) -> None:
     targets = ("offsite", "loghost")
-    assert store.owes_nothing("reports", "a.pdf", V1, targets) is False  # never seen
-
     store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
-    assert store.owes_nothing("reports", "a.pdf", V1, targets) is False  # one target only
-
     store.enqueue("reports", "loghost", "a.pdf", V1, now=T0)
-    assert store.owes_nothing("reports", "a.pdf", V1, targets) is True  # queued everywhere
-    assert store.owes_nothing("reports", "a.pdf", V2, targets) is False  # a newer version
-
     store.mark_delivered(store.claim("offsite", WATCHES, now=T0), V1, now=T0)
-    assert store.owes_nothing("reports", "a.pdf", V1, targets) is True  # delivered + queued
+    store.enqueue("reports", "offsite", "a.pdf", V2, now=T0 + 1)  # pending again, newer
+    store.enqueue("reports", "offsite", "b.pdf", V1, now=T0)
+
+    held = store.held_versions("reports", ["a.pdf", "b.pdf", "never.pdf"], targets)
+
+    assert held == {
+        "a.pdf": {"offsite": (V2.size, V2.mtime_ns), "loghost": (V1.size, V1.mtime_ns)},
+        "b.pdf": {"offsite": (V1.size, V1.mtime_ns)},  # nothing owed to loghost yet
+    }
 
 
-def test_store_owes_nothing_agrees_with_enqueue_for_a_failed_version(store: Store) -> None:
+def test_store_held_version_of_a_delivered_job_is_the_delivered_one(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_delivered(store.claim("offsite", WATCHES, now=T0), V1, now=T0)
+
+    assert store.held_versions("reports", ["a.pdf"], ("offsite",)) == {
+        "a.pdf": {"offsite": (V1.size, V1.mtime_ns)}}
+    # ... which is exactly when enqueue() of it is a no-op
+    assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0 + 1) is False
+
+
+def test_store_held_version_of_a_failed_job_keeps_a_scan_from_queueing_it(
+        store: Store) -> None:
     store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
     store.mark_failed(store.claim("offsite", WATCHES, now=T0), "permission denied", now=T0)
 
     # Failed stays failed until `scpd retry`: a scan must not queue it again either.
-    assert store.owes_nothing("reports", "a.pdf", V1, ("offsite",)) is True
+    assert store.held_versions("reports", ["a.pdf"], ("offsite",)) == {
+        "a.pdf": {"offsite": (V1.size, V1.mtime_ns)}}
     assert store.enqueue("reports", "offsite", "a.pdf", V1, now=T0 + 1) is False
+
+
+def test_store_held_versions_of_names_that_are_not_utf8(store: Store) -> None:
+    name = os.fsdecode(b"caf\xe9.csv")
+    store.enqueue("reports", "offsite", name, V1, now=T0)
+
+    assert store.held_versions("reports", [name], ("offsite",)) == {
+        name: {"offsite": (V1.size, V1.mtime_ns)}}
 
 
 def test_store_enqueue_many_answers_per_item_in_one_go(store: Store) -> None:
