@@ -24,7 +24,6 @@ log = logging.getLogger("scpd.daemon")
 _TICK_SECONDS = 0.1
 _ROOT_CHECK_SECONDS = 1.0  # how soon a watch root that appears, or is replaced, is watched
 _QUEUED_LINES_AT_INFO = 100  # per batch of ready files
-_LIMIT_CHECK_SECONDS = 5.0  # how soon inotify's watch limit running out is noticed
 _CANARY_DIR = "watch-canary"
 _STOP_GRACE_SECONDS = 5.0  # in-flight uploads may finish; the unit allows 10 s in all
 
@@ -125,7 +124,7 @@ class Daemon:
 
     def _main_loop(self) -> None:
         ping_every = sdnotify.watchdog_interval_seconds()
-        next_ping = next_status = next_root_check = next_limit_check = 0.0
+        next_ping = next_status = next_root_check = 0.0
         while not self.flags.stop_requests:
             self._enqueue_ready()
             self.pool.cut_stalled()
@@ -137,9 +136,6 @@ class Daemon:
                 self.watcher.check_roots()
                 self._request_due_rescans(now)
                 next_root_check = now + _ROOT_CHECK_SECONDS
-            if now >= next_limit_check and self.watcher is not None:
-                self.watcher.check_limit()
-                next_limit_check = now + _LIMIT_CHECK_SECONDS
             if ping_every and now >= next_ping and self._is_healthy():
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = now + ping_every
@@ -228,7 +224,9 @@ class Daemon:
     def _before_scan(self, watch_name: str, reason: str) -> None:
         # After an overflow watchdog rebuilds its watches; a scan racing the rebuild could
         # list a directory not yet watched again and miss a file written there meanwhile.
-        if reason == "overflow" and self.watcher is not None:
+        # Every scan waits (a millisecond, mostly): an overflow's request may have been
+        # merged into a scan waiting for another reason.
+        if self.watcher is not None:
             self.watcher.wait_for_events_so_far()
 
     def _after_scan(self, watch_name: str,

@@ -1,11 +1,9 @@
 """What the kernel says about inotify, read where it tells the truth: its limits under
-/proc/sys, the watches this process really holds under /proc/self/fdinfo (watchdog skips
-directories it could not watch without a word), and whether one more watch can be added."""
+/proc/sys, and the watches this process really holds under /proc/self/fdinfo (watchdog skips
+directories it could not watch without a word)."""
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 from collections.abc import Iterable
 
@@ -13,8 +11,6 @@ _MAX_WATCHES_FILES = ("/proc/sys/fs/inotify/max_user_watches",
                       "/proc/sys/user/max_inotify_watches")  # the second: per user namespace
 _MAX_INSTANCES_FILES = ("/proc/sys/fs/inotify/max_user_instances",
                         "/proc/sys/user/max_inotify_instances")
-_IN_CREATE = 0x100
-_IN_CLOEXEC = os.O_CLOEXEC
 
 
 def limit(*, instances: bool = False) -> int | None:
@@ -68,20 +64,3 @@ def _inotify_fds() -> Iterable[str]:
                 yield fd
         except OSError:
             continue
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def watches_exhausted(directory: str) -> bool:
-    """True if this user cannot add one more inotify watch (max_user_watches reached): the
-    moment watchdog starts leaving new directories unwatched. Costs three system calls."""
-    fd = _libc.inotify_init1(_IN_CLOEXEC)
-    if fd < 0:
-        return False  # no instance to probe with (a limit of its own); cannot tell
-    try:
-        if _libc.inotify_add_watch(fd, os.fsencode(directory), _IN_CREATE) < 0:
-            return ctypes.get_errno() == errno.ENOSPC
-        return False
-    finally:
-        os.close(fd)

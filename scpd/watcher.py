@@ -9,7 +9,8 @@ Known gaps of inotify and what covers each (research: libraries.md section 3):
   watchdog has rebuilt its watches (the canary tells when);
 - watches the kernel would not add (max_user_watches; watchdog skips them silently): after
   each full scan, `check_coverage` compares its directories with what inotify holds, and
-  `check_limit` notices the limit running out later; such a watch is polled instead;
+  a hook on watchdog's add_callback hears of any watch refused later; such a watch is
+  scanned, and polled instead;
 - a missing, deleted or replaced root: `check_roots`, called about once a second;
 - a dead inotify reader thread, which no thread check shows: the canary, a file written in
   scpd's own directory that must come back as an event.
@@ -17,6 +18,7 @@ Known gaps of inotify and what covers each (research: libraries.md section 3):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -128,13 +130,17 @@ class _OverflowListener(logging.Handler):
 class _Canary(FileSystemEventHandler):
     """Files scpd creates in its own directory, watched by the same inotify instance as the
     watches. watchdog's one reader thread handles events in order, so hearing of a canary
-    proves that it lives and has handled everything before it (a rebuild after overflow)."""
+    proves that it lives and has handled everything before it (a rebuild after overflow).
+    An overflow may drop a canary like any event: later ones replace it, and the overflow
+    record itself, also handled by the reader, is a sign of life."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         self._numbers = itertools.count(1)
         self._heard = 0
-        self._unheard_since: float | None = None  # when the oldest unheard canary was sent
+        self._unheard: dict[int, float] = {}  # number -> when sent
+        self._sign_of_life_at = time.monotonic()
+        self._write_failed = False
         self._condition = threading.Condition()
 
     def dispatch(self, event: FileSystemEvent) -> None:
@@ -142,8 +148,13 @@ class _Canary(FileSystemEventHandler):
         if name.startswith("canary-") and name[7:].isdigit():
             with self._condition:
                 self._heard = max(self._heard, int(name[7:]))
-                self._unheard_since = None
+                self._unheard = {n: at for n, at in self._unheard.items() if n > self._heard}
+                self._sign_of_life_at = time.monotonic()
                 self._condition.notify_all()
+
+    def note_sign_of_life(self) -> None:
+        with self._condition:
+            self._sign_of_life_at = time.monotonic()
 
     def send(self) -> int | None:
         """The canary's number; None if it could not be written (a full state disk)."""
@@ -153,21 +164,39 @@ class _Canary(FileSystemEventHandler):
             path.touch()
             path.unlink()
         except OSError as exc:
-            log.warning("cannot write the inotify canary %s: %s", path, exc.strerror or exc)
+            if not self._write_failed:  # once, not at every health check
+                log.warning("cannot write the inotify canary %s: %s", path,
+                            exc.strerror or exc)
+            self._write_failed = True
             return None
+        self._write_failed = False
         with self._condition:
-            if self._unheard_since is None:
-                self._unheard_since = time.monotonic()
+            self._unheard[number] = time.monotonic()
         return number
 
-    def wait(self, number: int, timeout: float) -> bool:
-        with self._condition:
-            return self._condition.wait_for(lambda: self._heard >= number, timeout)
+    def wait(self, timeout: float) -> bool:
+        """Send canaries (again every half second: one may be lost) until one is heard."""
+        deadline = time.monotonic() + timeout
+        first = self.send()
+        if first is None:
+            return False
+        while (left := deadline - time.monotonic()) > 0:
+            with self._condition:
+                # Any canary sent since `first` heard: all that came before it is handled.
+                if self._condition.wait_for(lambda: self._heard >= first, min(0.5, left)):
+                    return True
+            if self.send() is None:
+                return False
+        return False
 
-    def unheard_for(self) -> float:
+    def is_stuck(self, deadline_seconds: float) -> bool:
+        """A canary has waited longer than the deadline, and the reader showed no sign of
+        life meanwhile."""
+        now = time.monotonic()
         with self._condition:
-            since = self._unheard_since
-        return 0.0 if since is None else time.monotonic() - since
+            oldest = min(self._unheard.values(), default=None)
+            return (oldest is not None and now - oldest > deadline_seconds
+                    and now - self._sign_of_life_at > deadline_seconds)
 
 
 _CANARY_DEADLINE_SECONDS = 10.0  # a reader that has not handled a canary by then is stuck
@@ -194,10 +223,11 @@ class Watcher:
         self._scheduled: dict[str, _Scheduled] = {}
         self._lost: set[str] = set()  # not watched since: scanned once watched again
         self._polled = {watch.name for watch in watches if watch.poll or self._inotify is None}
-        self._watches_exhausted = False
         self._overflow_listener = _OverflowListener(self._on_overflow)
         self._lock = threading.RLock()  # the main loop and the rescan thread both reschedule
         self._stopped = False
+        self._canary_watch: ObservedWatch | None = None
+        self._hook_watch_refusals()
 
     def start(self) -> None:
         overflow_logger = logging.getLogger(_OVERFLOW_LOGGER)
@@ -205,11 +235,9 @@ class Watcher:
             overflow_logger.setLevel(logging.WARNING)  # the overflow record must be made
         overflow_logger.addHandler(self._overflow_listener)
         if self._inotify is not None:
-            self._canary.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._inotify.schedule(self._canary, str(self._canary.directory),
-                                   event_filter=[FileCreatedEvent])
-            self._inotify.start()  # watchdog adds the watches before start() returns
-        self.check_roots(is_start=True)
+            self._inotify.start()
+            self._watch_canary()
+        self.check_roots(is_start=True)  # watchdog adds the watches before schedule() returns
 
     def stop(self) -> None:
         with self._lock:
@@ -230,18 +258,35 @@ class Watcher:
         with self._lock:
             threads_run = all(o.is_alive() and all(e.is_alive() for e in list(o.emitters))
                               for o in self._observers())
-        if self._inotify is None:
+            has_canary = self._canary_watch is not None
+        if not has_canary:
             return threads_run
-        if self._canary.unheard_for() == 0.0:
-            self._canary.send()  # heard by the next check, or the reader is stuck
-        return threads_run and self._canary.unheard_for() < _CANARY_DEADLINE_SECONDS
+        is_stuck = self._canary.is_stuck(_CANARY_DEADLINE_SECONDS)
+        self._canary.send()  # heard by the next check, or the reader is stuck
+        return threads_run and not is_stuck
 
     def wait_for_events_so_far(self, timeout: float = 60.0) -> bool:
-        """Until inotify's reader has handled every event queued before this call."""
-        if self._inotify is None:
-            return True
-        number = self._canary.send()
-        return number is not None and self._canary.wait(number, timeout)
+        """Until inotify's reader has handled every event queued before this call (then a
+        scan cannot race watchdog rebuilding its watches after an overflow)."""
+        with self._lock:
+            has_canary = self._canary_watch is not None
+        if not has_canary:
+            return True  # no inotify, or no watch left for the canary: nothing to wait for
+        return self._canary.wait(timeout)
+
+    def _watch_canary(self) -> None:
+        """(Re)schedule the canary's directory on the inotify observer; without a watch for
+        it, health comes from the threads alone."""
+        assert self._inotify is not None
+        try:
+            self._canary.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._canary_watch = self._inotify.schedule(
+                self._canary, str(self._canary.directory), event_filter=[FileCreatedEvent])
+        except OSError as exc:
+            log.error("cannot watch %s, scpd's inotify canary (%s); the watchdog ping then"
+                      " relies on threads alone%s", self._canary.directory,
+                      exc.strerror or exc, inotify.limit_hint())
+            self._canary_watch = None
 
     def check_roots(self, *, is_start: bool = False) -> None:
         """(Re)watch every root that exists now; let go of those that vanished or were
@@ -251,6 +296,13 @@ class Watcher:
                 return
             self._let_go_of_stale_roots()
             self._watch_present_roots(is_start)
+            if self._canary_watch is not None and self._inotify.is_alive() and not any(
+                    e.watch == self._canary_watch and e.is_alive()
+                    for e in list(self._inotify.emitters)):
+                # Its directory was removed (which ends the emitter): make it again.
+                with contextlib.suppress(KeyError):
+                    self._inotify.unschedule(self._canary_watch)
+                self._watch_canary()
 
     def _let_go_of_stale_roots(self) -> None:
         # All are let go before any is scheduled again: two watches of one directory share
@@ -294,7 +346,10 @@ class Watcher:
                 return
         unwatched = _unwatched(directories)
         if unwatched:
-            time.sleep(0.5)  # a directory made during the scan may be getting its watch now
+            # A directory made during the scan, or an overflow's rebuild, may be getting its
+            # watch now: look again once watchdog has handled what happened so far.
+            self.wait_for_events_so_far(timeout=10)
+            time.sleep(0.2)
             unwatched = _unwatched(directories)
         if not unwatched:
             return
@@ -311,21 +366,37 @@ class Watcher:
             self._watch_present_roots(is_start=False)
         self._rescan(watch_name, "unwatched directories")
 
-    def check_limit(self) -> None:
-        """Notice the kernel's watch limit running out while scpd runs: new directories would
-        go unwatched without a word. The scans that follow check every inotify watch."""
+    def _hook_watch_refusals(self) -> None:
+        """watchdog swallows the error of a watch the kernel refuses (max_user_watches
+        reached) for any directory but a root, and the directory then gets no events at
+        all. Hear of it where it happens, on watchdog's inotify reader (watchdog is pinned
+        below 8; if it changes this, the coverage check after each full scan remains)."""
+        reader = getattr(self._inotify, "_inotify_fd", None)
+        add_callback = getattr(reader, "add_callback", None)
+        if add_callback is None:
+            log.debug("cannot hook watchdog's add_callback; relying on the coverage checks")
+            return
+
+        def add_callback_or_say_why_not(path: bytes, *args, **kwargs):
+            try:
+                return add_callback(path, *args, **kwargs)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    self._on_watch_refused(os.fsdecode(path))
+                raise
+
+        reader.add_callback = add_callback_or_say_why_not
+
+    def _on_watch_refused(self, path: str) -> None:
+        # On watchdog's thread: only ask for scans; their coverage check polls the watch.
         with self._lock:
-            names = [name for name in self._scheduled
-                     if name not in self._polled and self.watches[name].recursive]
-            if self._stopped or not names:
+            if self._stopped:
                 return
-        exhausted = inotify.watches_exhausted(str(self._canary.directory))
-        if exhausted and not self._watches_exhausted:
-            log.warning("no inotify watch is left for this user; checking every watch%s",
-                        inotify.limit_hint())
-            for name in names:
-                self._rescan(name, "inotify watch limit")
-        self._watches_exhausted = exhausted
+            names = [name for name, scheduled in self._scheduled.items()
+                     if name not in self._polled
+                     and (path + "/").startswith(scheduled.handler.watched_root.rstrip("/") + "/")]
+        for name in names:
+            self._rescan(name, "inotify watch limit")
 
     def _schedule(self, watch: Watch, root_id: tuple[int, int]) -> bool:
         watched_root = os.path.realpath(watch.path)
@@ -383,6 +454,7 @@ class Watcher:
     def _on_overflow(self) -> None:
         # Called on watchdog's inotify thread, before watchdog rebuilds its watches: only ask
         # for scans, which wait for the rebuild (wait_for_events_so_far) and run elsewhere.
+        self._canary.note_sign_of_life()
         with self._lock:
             if self._stopped:
                 return

@@ -127,7 +127,7 @@ def test_the_watch_limit_running_out_later_is_noticed_and_the_watch_polled(setup
 
         assert wait_until(lambda: (setup.remote_dir / "d49/late.csv").exists(), 20), \
             daemon.log()
-    assert "no inotify watch is left for this user" in daemon.log()
+    assert "inotify watch limit scan of watch outbox" in daemon.log()
     assert "polling it every 0.2s instead" in daemon.log()
 
 
