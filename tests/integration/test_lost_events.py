@@ -4,6 +4,7 @@ kernel would not add, a queue that forgot a file, and watches that poll instead.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -129,6 +130,40 @@ def test_the_watch_limit_running_out_later_is_noticed_and_the_watch_polled(setup
             daemon.log()
     assert "inotify watch limit scan of watch outbox" in daemon.log()
     assert "polling it every 0.2s instead" in daemon.log()
+
+
+def test_reloads_during_a_long_scan_leave_no_stray_watcher_behind(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path):
+    # A scan still running when SIGHUP replaces the watcher must not act on the old one
+    # (it once started a poller nobody stopped, which later queued files of a watch the
+    # config no longer had, and the daemon died).
+    setup = write_config(tmp_path, sshd, known_hosts, remote_dir, port=free_port())
+    an_hour_ago = time.time() - 3600  # ready on sight: the scan queues them, slowly
+    for d in range(300):
+        directory = setup.watch_dir / f"d{d:03d}"
+        directory.mkdir()
+        for f in range(100):
+            (directory / f"f{f:03d}.csv").write_bytes(b"x")
+            os.utime(directory / f"f{f:03d}.csv", (an_hour_ago, an_hour_ago))
+    # -v: a debug line per file queued makes the scan last long enough to be cut.
+    daemon = DaemonProcess([sys.executable, "-m", "scpd", "-v", "run", "-c", str(setup.config)])
+    with running(daemon):
+        threads_before = len(os.listdir(f"/proc/{daemon.pid}/task"))
+        for reloads, name in enumerate(("renamed", "renamed-again"), start=1):
+            text = setup.config.read_text()
+            setup.config.write_text(re.sub(r'name = "[^"]*"\npath', f'name = "{name}"\npath',
+                                           text))
+            daemon.process.send_signal(signal.SIGHUP)  # while the start-up scan runs
+            assert wait_until(lambda n=reloads: daemon.log().count("config reloaded") == n,
+                              30), daemon.log()
+        assert daemon.wait_for_log("start-up scan of watch renamed-again", 30), daemon.log()
+        (setup.watch_dir / "after.csv").write_bytes(b"after the reloads")
+
+        assert wait_until(lambda: "after.csv" in queued_paths(setup), 20), daemon.log()
+        assert daemon.process.poll() is None
+        assert len(os.listdir(f"/proc/{daemon.pid}/task")) <= threads_before
+    assert "inotify watches only" not in daemon.log()
+    assert "Traceback" not in daemon.log()
 
 
 def test_the_periodic_scan_queues_a_file_the_queue_forgot(setup: Setup):
