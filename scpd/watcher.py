@@ -14,6 +14,9 @@ Known gaps of inotify and what covers each (research: libraries.md section 3):
 - a missing, deleted or replaced root: `check_roots`, called about once a second;
 - a dead inotify reader thread, which no thread check shows: the canary, a file written in
   scpd's own directory that must come back as an event.
+
+Callbacks from watchdog's threads only leave notes, acted on by check_roots: they may run
+while watchdog holds a lock that the main loop, under this module's lock, waits for.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import errno
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -227,6 +231,8 @@ class Watcher:
         self._lock = threading.RLock()  # the main loop and the rescan thread both reschedule
         self._stopped = False
         self._canary_watch: ObservedWatch | None = None
+        self._refused_paths: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._overflowed = threading.Event()
         self._hook_watch_refusals()
 
     def start(self) -> None:
@@ -296,6 +302,8 @@ class Watcher:
                 return
             self._let_go_of_stale_roots()
             self._watch_present_roots(is_start)
+            self._rescan_where_watches_were_refused()
+            self._rescan_after_overflow()
             if self._canary_watch is not None and self._inotify.is_alive() and not any(
                     e.watch == self._canary_watch and e.is_alive()
                     for e in list(self._inotify.emitters)):
@@ -388,13 +396,19 @@ class Watcher:
         reader.add_callback = add_callback_or_say_why_not
 
     def _on_watch_refused(self, path: str) -> None:
-        # On watchdog's thread: only ask for scans; their coverage check polls the watch.
-        with self._lock:
-            if self._stopped:
-                return
-            names = [name for name, scheduled in self._scheduled.items()
-                     if name not in self._polled
-                     and (path + "/").startswith(scheduled.handler.watched_root.rstrip("/") + "/")]
+        # On watchdog's reader thread, which may hold the lock of a watch group the main loop
+        # is unscheduling under self._lock: taking self._lock here could deadlock. Leave a
+        # note for check_roots, within the second.
+        self._refused_paths.put(path)
+
+    def _rescan_where_watches_were_refused(self) -> None:
+        """The scans that follow refused watches; their coverage check polls the watch."""
+        names: set[str] = set()
+        while not self._refused_paths.empty():
+            path = self._refused_paths.get_nowait() + "/"
+            names.update(name for name, scheduled in self._scheduled.items()
+                         if name not in self._polled
+                         and path.startswith(scheduled.handler.watched_root.rstrip("/") + "/"))
         for name in names:
             self._rescan(name, "inotify watch limit")
 
@@ -452,17 +466,21 @@ class Watcher:
         return [o for o in (self._inotify, *self._pollers.values()) if o is not None]
 
     def _on_overflow(self) -> None:
-        # Called on watchdog's inotify thread, before watchdog rebuilds its watches: only ask
-        # for scans, which wait for the rebuild (wait_for_events_so_far) and run elsewhere.
+        # On watchdog's reader thread, before it rebuilds its watches: like any callback from
+        # there, only leave a note (see _on_watch_refused); check_roots asks for the scans,
+        # which wait for the rebuild (wait_for_events_so_far).
         self._canary.note_sign_of_life()
-        with self._lock:
-            if self._stopped:
-                return
-            names = [name for name in self._scheduled if name not in self._polled]
-        for name in names:
-            log.warning("watch %s: the kernel's inotify queue overflowed and events were"
-                        " lost; rescanning", name)
-            self._rescan(name, "overflow")
+        self._overflowed.set()
+
+    def _rescan_after_overflow(self) -> None:
+        if not self._overflowed.is_set():
+            return
+        self._overflowed.clear()
+        for name in self._scheduled:
+            if name not in self._polled:
+                log.warning("watch %s: the kernel's inotify queue overflowed and events were"
+                            " lost; rescanning", name)
+                self._rescan(name, "overflow")
 
 
 def _is_running(scheduled: _Scheduled) -> bool:
