@@ -236,8 +236,6 @@ class Rescanner(threading.Thread):
         self._requests: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self._waiting: set[str] = set()
         self._lock = threading.Lock()
-        self._idle = threading.Event()
-        self._idle.set()
         self._stopping = threading.Event()
 
     def request(self, watch_name: str, reason: str) -> None:
@@ -245,11 +243,7 @@ class Rescanner(threading.Thread):
             if watch_name in self._waiting:
                 return
             self._waiting.add(watch_name)
-            self._idle.clear()
         self._requests.put((watch_name, reason))
-
-    def wait_idle(self, timeout: float) -> bool:
-        return self._idle.wait(timeout)
 
     def stop(self) -> None:
         """Waiting scans are dropped and a running one ends at its next file: the next
@@ -271,9 +265,6 @@ class Rescanner(threading.Thread):
                 log.exception("scan of watch %s failed; trying again in %ds", watch_name,
                               _RETRY_FAILED_SCAN_SECONDS)
                 self._retry_later(watch_name)
-            with self._lock:
-                if not self._waiting:
-                    self._idle.set()
 
     def _retry_later(self, watch_name: str) -> None:
         # What the failed scan held back (a batch not queued) must not wait for the periodic

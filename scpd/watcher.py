@@ -27,6 +27,7 @@ import itertools
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -94,13 +95,10 @@ class _Handler(FileSystemEventHandler):
         else:
             self._note(event.src_path, isinstance(event, FileClosedEvent))
 
-    def _relative(self, path: str | bytes) -> str | None:
-        rel = os.path.relpath(os.fsdecode(path), self.watched_root)
-        return None if rel == ".." or rel.startswith("../") else rel
-
     def _admitted(self, path: str | bytes) -> str | None:
-        rel = self._relative(path)
-        if rel is None or rel == "." or not self.filter.admits(rel):
+        """Its path relative to the watch root, if the watch sends it."""
+        rel = os.path.relpath(os.fsdecode(path), self.watched_root)
+        if rel in (".", "..") or rel.startswith("../") or not self.filter.admits(rel):
             return None
         if not self.watch.recursive and "/" in rel:
             return None
@@ -493,7 +491,7 @@ def _identity(path: os.PathLike[str] | str) -> tuple[int, int] | None:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino) if os.path.isdir(path) else None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 def _unwatched(directories: dict[tuple[int, int], str]) -> list[str]:

@@ -114,3 +114,11 @@ def test_two_watches_of_one_root_both_hear_of_it_after_it_is_made_again(
                           and "b.csv" in recorder.noted_by.get("csvs", ()), 5), recorder.noted_by
     finally:
         watcher.stop()
+
+
+def test_watcher_makes_its_canary_directory_again_when_it_is_removed(
+        watcher: Watcher, tmp_path: Path) -> None:
+    shutil.rmtree(tmp_path / "state" / "watch-canary")  # ends the canary's emitter
+
+    assert wait_until(lambda: watcher.is_alive() and watcher.wait_for_events_so_far(1), 5)
+    assert (tmp_path / "state" / "watch-canary").is_dir()

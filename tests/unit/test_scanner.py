@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from scpd import scanner as scanner_module
 from scpd.config import DEFAULT_EXCLUDES, Watch
 from scpd.scanner import PathFilter, Rescanner, Scanner, ScanReport, WalkStats, walk
 from scpd.settle import Settler
@@ -183,13 +184,43 @@ def test_rescanner_merges_requests_for_a_watch_whose_scan_is_still_waiting(
         rescanner.request("logs", "overflow")
         scanner.release.set()
 
-        assert rescanner.wait_idle(5)
+        assert wait_until(lambda: len(scanner.scans) >= 3, 5)
     finally:
         rescanner.stop()
     # The one running may have passed a place already: one more scan, not three.
     assert scanner.scans == ["reports", "reports", "logs"]
     assert checked == ["reports", "reports", "logs"]  # inotify's coverage after each
     assert reasons == ["start-up", "overflow", "overflow"]  # the first of those merged
+
+
+class FailingOnceScanner(RecordingScanner):
+    """The first scan fails (a full state disk, say) after its walk began."""
+
+    def scan(self, watch: Watch, **kwargs) -> ScanReport:
+        if not self.scans:
+            self.scans.append("failed")
+            raise OSError(28, "No space left on device")
+        return super().scan(watch, **kwargs)
+
+
+def test_rescanner_tries_a_failed_scan_again_soon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a failed scan held back must not wait for the periodic scan (10 minutes).
+    monkeypatch.setattr(scanner_module, "_RETRY_FAILED_SCAN_SECONDS", 0.2)
+    watch = make_watch(tmp_path)
+    scanner = FailingOnceScanner()
+    scanner.release.set()
+    reasons: list[str] = []
+    rescanner = Rescanner(scanner, lambda name: watch, lambda name, why: reasons.append(why),
+                          lambda name, ids: None)
+    rescanner.start()
+    try:
+        rescanner.request("reports", "start-up")
+
+        assert wait_until(lambda: scanner.scans == ["failed", "reports"], 5), scanner.scans
+    finally:
+        rescanner.stop()
+    assert reasons == ["start-up", "retry of a failed"]
 
 
 def test_a_scan_ends_early_when_asked_to_stop(tree: Path, tmp_path: Path) -> None:
