@@ -24,11 +24,18 @@ from scpd.errors import (
 from scpd.fileversion import FileVersion
 from scpd.settle import is_open_for_write_elsewhere
 from scpd.store import Job, Store
-from scpd.transport import Credentials, Throttle, TokenBucket, Uploader, open_uploader
+from scpd.transport import Credentials, Throttle, TokenBucket, Upload, Uploader, open_uploader
 
 log = logging.getLogger("scpd.pool")
 
 _IDLE_WAIT_SECONDS = 5.0
+# A connection with nothing to send for this long is closed: the target's sshd need not
+# hold a session for a quiet watch. Reopening costs one login (about 30 ms here).
+_IDLE_CLOSE_SECONDS = 60.0
+# Files of one directory sent in one SCP session: enough to make a flood of small files
+# cost one round trip each, few enough that a worker does not sit on most of the queue.
+_BATCH_FILES = 100
+_BATCH_BYTES = 16 * 1024 * 1024
 
 
 def backoff_seconds(policy: RetryPolicy, attempts: int, rand: Callable[[], float] = random.random
@@ -157,14 +164,15 @@ class Pool:
         now = time.monotonic()
         for worker in self._workers:
             limit = worker.target.io_timeout_seconds + worker.target.connect_timeout_seconds
-            if worker.job is not None and now - worker.uploader.progress_at > limit:
+            jobs = worker.jobs
+            if jobs and now - worker.uploader.progress_at > limit:
                 log.warning("%s: no progress for %.0fs sending %s; cutting the connection",
-                            worker.target.name, limit, worker.job.rel_path)
+                            worker.target.name, limit, jobs[0].rel_path)
                 worker.uploader.progress_at = now  # once per stall
                 worker.uploader.close()
 
     def busy_count(self) -> int:
-        return sum(1 for worker in self._workers if worker.job is not None)
+        return sum(1 for worker in self._workers if worker.jobs)
 
     def count_bytes(self, n: int) -> None:
         with self._bytes_lock:
@@ -293,38 +301,47 @@ class _Worker(threading.Thread):
         self.pool = pool
         self.target = target
         self.uploader = uploader
-        self.job: Job | None = None
+        self.jobs: list[Job] = []  # the batch in hand
 
     def run(self) -> None:
         store = self.pool.store
+        idle_since = time.monotonic()
         while not self.pool.is_stopping:
             held, is_probe = self.pool.admit(self.target)
             if held > 0:
                 self.pool.wait_for_work(self.target.name, min(held, _IDLE_WAIT_SECONDS))
                 continue
-            job = store.claim(self.target.name, self.pool.watch_names)
-            if job is None:
+            jobs = store.claim_batch(self.target.name, self.pool.watch_names,
+                                     max_files=_BATCH_FILES, max_bytes=_BATCH_BYTES)
+            if not jobs:
+                if time.monotonic() - idle_since > _IDLE_CLOSE_SECONDS:
+                    self.uploader.close()  # reopened by the next file
+                    idle_since = time.monotonic()
                 self.pool.wait_for_work(self.target.name, self._idle_seconds())
                 continue
             if is_probe:  # a paused target is proven by a new connection, not an old one
                 self.uploader.close()
             self.uploader.progress_at = time.monotonic()
-            self.job = job
+            self.jobs = jobs
             if self.pool.is_stopping:  # stop() began after the claim: leave it for next time
-                store.release(job)
-                self.job = None
+                for job in jobs:
+                    store.release(job)
+                self.jobs = []
                 break
-            delivered = None
+            delivered: list[tuple[Job, FileVersion]] = []
             try:
-                delivered = self._deliver(job)
+                delivered = self._deliver(jobs)
             except Exception:
-                # A bug must not kill the worker or lose the job: log it and retry later.
-                log.exception("internal error delivering %s; will retry", job.rel_path)
-                store.mark_retry(job, "internal error", time.time() + self.target.retry.max_seconds)
+                # A bug must not kill the worker or lose the jobs: log it and retry later.
+                log.exception("internal error delivering %s; will retry", jobs[0].rel_path)
+                for job in store.still_sending(jobs):
+                    store.mark_retry(job, "internal error",
+                                     time.time() + self.target.retry.max_seconds)
             finally:
-                self.job = None
-            if delivered is not None:  # not a transfer: the stall guard does not watch it
-                self.pool.after_delivery(job.watch, job.rel_path, delivered)
+                self.jobs = []
+                idle_since = time.monotonic()
+            for job, version in delivered:  # not transfers: the stall guard does not watch
+                self.pool.after_delivery(job.watch, job.rel_path, version)
 
     def _idle_seconds(self) -> float:
         due = self.pool.store.next_due_at(self.target.name, self.pool.watch_names)
@@ -332,68 +349,110 @@ class _Worker(threading.Thread):
             return _IDLE_WAIT_SECONDS
         return min(_IDLE_WAIT_SECONDS, max(0.01, due - time.time()))
 
-    def _deliver(self, job: Job) -> FileVersion | None:
-        """Send the job's file; the version now delivered to this target, else None."""
+    def _deliver(self, jobs: list[Job]) -> list[tuple[Job, FileVersion]]:
+        """Send the batch's files; the (job, version) of each job now done."""
         pool, target = self.pool, self.target
-        watch = pool.config.watch(job.watch)
-        local = watch.path / job.rel_path
-        remote = posixpath.join(remote_dir_for(target, watch), job.rel_path)
-        fields = dict(watch=watch.name, target=target.name, path=str(local), remote_path=remote,
-                      attempt=job.attempts + 1)
+        uploads, fields = [], []
+        for job in jobs:
+            watch = pool.config.watch(job.watch)
+            local = watch.path / job.rel_path
+            remote = posixpath.join(remote_dir_for(target, watch), job.rel_path)
+            # A followed link is read through its target: the transport never follows links.
+            source = os.path.realpath(local) if watch.follow_symlinks else local
+            uploads.append(Upload(source, remote, job.version, job.remote_temp))
+            fields.append(dict(watch=watch.name, target=target.name, path=str(local),
+                               remote_path=remote, attempt=job.attempts + 1))
         started = time.monotonic()
-        # A followed link is read through its target: the transport never follows links.
-        source = os.path.realpath(local) if watch.follow_symlinks else local
+        outcomes: dict[int, FileVersion | ScpdError] = {}
         try:
-            sent = self.uploader.upload(
-                source, remote, expected=job.version, stale_temp_path=job.remote_temp,
-                note_temp=lambda temp: pool.store.note_remote_temp(job, temp))
-        except ScpdError as error:
-            self._record_failure(job, error, fields, started)
-            return None
-        finally:  # whatever became of the file, a connection made since a pause ends it
+            self.uploader.upload_batch(
+                uploads, outcomes.__setitem__,
+                lambda temps: pool.store.note_remote_temps([(jobs[i], t) for i, t in temps]))
+        finally:  # whatever became of the files, a connection made since a pause ends it
             pool.note_reached(target, self.uploader.connected_at)
-        duration_ms = int((time.monotonic() - started) * 1000)
+        done: list[tuple[Job, FileVersion]] = []
+        failed_together: dict[int, list[int]] = {}  # one error object: one failure
+        for index, outcome in sorted(outcomes.items()):
+            if isinstance(outcome, ScpdError):
+                failed_together.setdefault(id(outcome), []).append(index)
+            elif self._record_success(jobs[index], outcome, fields[index], started):
+                done.append((jobs[index], outcome))
+        for indices in failed_together.values():
+            self._record_failure([jobs[i] for i in indices], outcomes[indices[0]],
+                                 [fields[i] for i in indices], started)
+        return done
+
+    def _record_success(self, job: Job, sent: FileVersion, fields: dict,
+                        started_at: float) -> bool:
+        """True if the job is done (no newer version was queued meanwhile)."""
+        pool, target = self.pool, self.target
+        duration_ms = int((time.monotonic() - started_at) * 1000)
         pool.target_up(target)
         pool.count_bytes(sent.size)
         is_done = pool.store.mark_delivered(job, sent)
         logs.event(logging.INFO, "sent", "sent %s to %s:%s (%s in %d ms)", job.rel_path,
-                   target.name, remote, _human_bytes(sent.size), duration_ms,
+                   target.name, fields["remote_path"], _human_bytes(sent.size), duration_ms,
                    bytes=sent.size, duration_ms=duration_ms, **fields)
-        return sent if is_done else None
+        return is_done
 
-    def _record_failure(self, job: Job, error: ScpdError, fields: dict,
+    def _record_failure(self, jobs: list[Job], error: ScpdError, fields: list[dict],
                         started_at: float) -> None:
+        """jobs: those that failed with this one error (a lost connection fails a whole
+        batch at once: the target is then backed off once, and logged once); fields: the
+        log fields of each."""
         store, target = self.pool.store, self.target
         if isinstance(error, SourceVanished):
-            store.drop(job)
-            logs.event(logging.INFO, "dropped", "dropped %s: %s", job.rel_path, error,
-                       error=str(error), **fields)
+            for job, its_fields in zip(jobs, fields, strict=True):
+                store.drop(job)
+                logs.event(logging.INFO, "dropped", "dropped %s: %s", job.rel_path, error,
+                           error=str(error), **its_fields)
         elif self.pool.is_stopping and isinstance(error, RetryableError | FileChangedError):
-            store.release(job)  # cut by the stop itself; the next start sends it
+            for each in jobs:
+                store.release(each)  # cut by the stop itself; the next start sends it
         elif isinstance(error, PermanentError) and error.is_target_level:
-            store.release(job)  # not the file's fault: it waits for the target
+            for each in jobs:
+                store.release(each)  # not the file's fault: it waits for the target
             self.pool.pause_target(target, error, started_at)
         elif isinstance(error, FileChangedError):
             # Not sent again until it settles: the settler queues the new version, which makes
             # the job due at once; the deferral only matters if that never happens.
-            watch = self.pool.config.watch(job.watch)
-            store.defer(job, time.time() + max(1.0, 2 * watch.settle_seconds))
-            self.pool.renote(job.watch, job.rel_path)
+            for job in jobs:
+                watch = self.pool.config.watch(job.watch)
+                store.defer(job, time.time() + max(1.0, 2 * watch.settle_seconds))
+                self.pool.renote(job.watch, job.rel_path)
             log.info("%s: %s; its new version is sent once it settles", target.name, error)
-        elif isinstance(error, RetryableError) and not self._should_give_up(job):
-            if isinstance(error, ConnectError):
-                delay = self.pool.target_down(target)
-            else:
-                delay = backoff_seconds(target.retry, job.attempts)
-            store.mark_retry(job, str(error), time.time() + delay)
-            logs.event(logging.WARNING, "retry", "%s to %s: %s; retrying in %.1fs",
-                       job.rel_path, target.name, error, delay, error=str(error), **fields)
+        elif isinstance(error, RetryableError):
+            self._record_retry(jobs, error, fields)
         else:
-            store.mark_failed(job, str(error))
-            hint = " (an operator must act; then: scpd retry)" if isinstance(
-                error, PermanentError) else " (gave up)"
-            logs.event(logging.ERROR, "failed", "failed %s to %s: %s%s", job.rel_path,
-                       target.name, error, hint, error=str(error), **fields)
+            for job, its_fields in zip(jobs, fields, strict=True):
+                self._record_failed(job, error, its_fields)
+
+    def _record_retry(self, jobs: list[Job], error: RetryableError, fields: list[dict]
+                      ) -> None:
+        store, target = self.pool.store, self.target
+        gate_delay = self.pool.target_down(target) if isinstance(error, ConnectError) else None
+        retried = []
+        for job, its_fields in zip(jobs, fields, strict=True):
+            if self._should_give_up(job):
+                self._record_failed(job, error, its_fields)
+                continue
+            delay = gate_delay if gate_delay is not None else \
+                backoff_seconds(target.retry, job.attempts)
+            store.mark_retry(job, str(error), time.time() + delay)
+            retried.append((job, delay, its_fields))
+        if retried:
+            job, delay, its_fields = retried[0]
+            more = f" and {len(retried) - 1} more" if len(retried) > 1 else ""
+            logs.event(logging.WARNING, "retry", "%s%s to %s: %s; retrying in %.1fs",
+                       job.rel_path, more, target.name, error, delay, error=str(error),
+                       **its_fields)
+
+    def _record_failed(self, job: Job, error: ScpdError, fields: dict) -> None:
+        self.pool.store.mark_failed(job, str(error))
+        hint = " (an operator must act; then: scpd retry)" if isinstance(
+            error, PermanentError) else " (gave up)"
+        logs.event(logging.ERROR, "failed", "failed %s to %s: %s%s", job.rel_path,
+                   self.target.name, error, hint, error=str(error), **fields)
 
     def _should_give_up(self, job: Job) -> bool:
         limit = self.target.retry.give_up_after_seconds

@@ -13,10 +13,11 @@ import datetime
 import enum
 import fcntl
 import os
+import posixpath
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,30 +221,49 @@ class Store:
               ) -> Job | None:
         """The next due job of this target for one of these watches, now marked sending;
         None if nothing is due. (Rows of watches no longer configured stay, untouched.)"""
+        batch = self.claim_batch(target, watches, max_files=1, max_bytes=0, now=now)
+        return batch[0] if batch else None
+
+    def claim_batch(self, target: str, watches: tuple[str, ...], *, max_files: int,
+                    max_bytes: int, now: float | None = None) -> list[Job]:
+        """The next due job of this target, and after it more due jobs of the same watch
+        and directory while the batch stays within max_files and max_bytes; all now marked
+        sending. Empty if nothing is due."""
         now = time.time() if now is None else now
         with self._transaction() as db:
             row = db.execute(
-                f"""
-                SELECT id, watch, target, rel_path, size, mtime_ns, inode, generation,
-                       attempts, first_failure_at, remote_temp
-                FROM jobs WHERE target = ? AND state = 'pending' AND next_attempt_at <= ?
-                  AND watch IN ({_placeholders(watches)})
-                ORDER BY next_attempt_at, id LIMIT 1
-                """,
+                f"""{_SELECT_JOB} WHERE target = ? AND state = 'pending'
+                      AND next_attempt_at <= ? AND watch IN ({_placeholders(watches)})
+                    ORDER BY next_attempt_at, id LIMIT 1""",
                 (target, now, *watches)).fetchone()
             if row is None:
-                return None
-            db.execute("UPDATE jobs SET state = 'sending' WHERE id = ?", (row[0],))
-        return Job(id=row[0], watch=row[1], target=row[2], rel_path=os.fsdecode(row[3]),
-                   version=FileVersion(row[4], row[5], row[6]), generation=row[7],
-                   attempts=row[8], first_failure_at=row[9],
-                   remote_temp=None if row[10] is None else os.fsdecode(row[10]))
+                return []
+            batch = [_job(row)]
+            if max_files > 1 and batch[0].version.size < max_bytes:
+                candidates = db.execute(
+                    f"""{_SELECT_JOB} WHERE target = ? AND state = 'pending'
+                          AND next_attempt_at <= ? AND watch = ? AND id != ?
+                        ORDER BY next_attempt_at, id LIMIT ?""",
+                    (target, now, batch[0].watch, batch[0].id, _CANDIDATES_PER_FILE * max_files))
+                batch += _same_directory(batch[0], map(_job, candidates), max_files, max_bytes)
+            db.executemany("UPDATE jobs SET state = 'sending' WHERE id = ?",
+                           [(job.id,) for job in batch])
+        return batch
 
-    def note_remote_temp(self, job: Job, remote_temp: str) -> None:
-        """Remember where this attempt writes, before it writes anything there."""
+    def note_remote_temps(self, temps: list[tuple[Job, str]]) -> None:
+        """Remember where these attempts write, before they write anything there."""
         with self._transaction() as db:
-            db.execute("UPDATE jobs SET remote_temp = ? WHERE id = ?",
-                       (os.fsencode(remote_temp), job.id))
+            db.executemany("UPDATE jobs SET remote_temp = ? WHERE id = ?",
+                           [(os.fsencode(temp), job.id) for job, temp in temps])
+
+    def still_sending(self, jobs: list[Job]) -> list[Job]:
+        """Those of the jobs whose outcome is not recorded yet."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id FROM jobs WHERE state = 'sending' AND id IN"
+                f" ({','.join('?' * len(jobs))})", [job.id for job in jobs])
+            sending = {row[0] for row in rows}
+        return [job for job in jobs if job.id in sending]
 
     def mark_delivered(self, job: Job, sent: FileVersion, now: float | None = None) -> bool:
         """Record what reached the remote. True if the job is done, False if a newer version
@@ -449,6 +469,34 @@ class Store:
                 (watch, os.fsencode(rel_path), version.size, version.mtime_ns, *targets)
             ).fetchone()[0]
         return n == len(targets)
+
+
+_SELECT_JOB = """SELECT id, watch, target, rel_path, size, mtime_ns, inode, generation, attempts,
+                         first_failure_at, remote_temp FROM jobs"""
+# Due jobs looked at per place in a batch: enough to fill it when the due jobs of several
+# directories are interleaved, bounded so that claiming stays cheap with a long queue.
+_CANDIDATES_PER_FILE = 4
+
+
+def _job(row: tuple) -> Job:
+    return Job(id=row[0], watch=row[1], target=row[2], rel_path=os.fsdecode(row[3]),
+               version=FileVersion(row[4], row[5], row[6]), generation=row[7],
+               attempts=row[8], first_failure_at=row[9],
+               remote_temp=None if row[10] is None else os.fsdecode(row[10]))
+
+
+def _same_directory(first: Job, candidates: Iterable[Job], max_files: int, max_bytes: int
+                    ) -> list[Job]:
+    """The candidates that go in first's batch: same directory, within the limits."""
+    directory, total, chosen = posixpath.dirname(first.rel_path), first.version.size, []
+    for job in candidates:
+        if len(chosen) + 1 >= max_files:
+            break
+        if posixpath.dirname(job.rel_path) == directory and \
+                total + job.version.size <= max_bytes:
+            chosen.append(job)
+            total += job.version.size
+    return chosen
 
 
 def _placeholders(values: tuple[str, ...]) -> str:

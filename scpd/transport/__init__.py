@@ -8,13 +8,13 @@ import paramiko
 
 from scpd.config import Target
 from scpd.errors import classify_remote_message, classify_sftp
-from scpd.transport.base import Uploader
+from scpd.transport.base import Upload, Uploader
 from scpd.transport.scp import ScpUploader
 from scpd.transport.sftp import SftpUploader
 from scpd.transport.ssh import Credentials, SshConnection, load_credentials, run_remote
 from scpd.transport.throttle import Throttle, TokenBucket
 
-__all__ = ["Credentials", "Throttle", "TokenBucket", "Uploader", "load_credentials",
+__all__ = ["Credentials", "Throttle", "TokenBucket", "Upload", "Uploader", "load_credentials",
            "open_uploader", "probe"]
 
 

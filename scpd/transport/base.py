@@ -8,10 +8,20 @@ import os
 import secrets
 import stat
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from scpd.errors import FileChangedError, LocalBusyError, LocalReadError, SourceVanished
+from scpd.errors import (
+    ConnectError,
+    FileChangedError,
+    LocalBusyError,
+    LocalReadError,
+    PermanentError,
+    ScpdError,
+    SourceVanished,
+    TransferInterrupted,
+)
 from scpd.fileversion import FileVersion
 
 if TYPE_CHECKING:
@@ -23,9 +33,28 @@ _TRANSIENT_OPEN_ERRNOS = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EMFILE, errno.E
                           errno.EINTR}
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One file to put at one remote path. expected: send only this version (size, mtime).
+    stale_temp_path: where an earlier attempt at this file wrote; a crash of the remote may
+    have left it there, and it is removed first."""
+
+    local_path: str | os.PathLike[str]
+    remote_path: str
+    expected: FileVersion | None = None
+    stale_temp_path: str | None = None
+
+
+#: on_result(index in the batch, the version now under the final name, or why not)
+ResultCallback = Callable[[int, "FileVersion | ScpdError"], None]
+#: note_temps([(index in the batch, remote temporary path), ...]): told before anything is
+#: written there
+TempCallback = Callable[[list[tuple[int, str]]], None]
+
+
 class Uploader(ABC):
-    """Puts one local file at one remote path, atomically: all of it under the final name, or
-    nothing there. Returns the version it sent; raises the scpd error family."""
+    """Puts local files at remote paths, each atomically: all of it under the final name, or
+    nothing there. Raises (or reports) the scpd error family."""
 
     #: time.monotonic() of the last sign of life of the transfer in progress (a stall guard
     #: closes the connection when it gets too old: some paramiko waits have no timeout).
@@ -38,14 +67,39 @@ class Uploader(ABC):
         """time.monotonic() when its connection last got through host key and login."""
         return self.connection.connected_at
 
-    @abstractmethod
     def upload(self, local_path: str | os.PathLike[str], remote_path: str,
                expected: FileVersion | None = None, *, stale_temp_path: str | None = None,
                note_temp: Callable[[str], None] | None = None) -> FileVersion:
-        """expected: send only this version (size, mtime) of the file. stale_temp_path: where
-        an earlier attempt at this file wrote; a crash of the remote may have left it there,
-        and it is removed first. note_temp(path) is told where this attempt will write, once
-        connected, before anything is written there."""
+        """One file: the version it sent, or the error raised."""
+        results: list[FileVersion | ScpdError] = []
+        self.upload_batch([Upload(local_path, remote_path, expected, stale_temp_path)],
+                          lambda _, outcome: results.append(outcome),
+                          None if note_temp is None else lambda temps: note_temp(temps[0][1]))
+        if isinstance(results[0], ScpdError):
+            raise results[0]
+        return results[0]
+
+    def upload_batch(self, uploads: Sequence[Upload], on_result: ResultCallback,
+                     note_temps: TempCallback | None = None) -> None:
+        """Every upload, in order; on_result is called once for each, as soon as it is known.
+        The default sends them one by one; an error that says the connection or the target
+        is unusable ends the batch, and the rest get the same error without being tried."""
+        for index, item in enumerate(uploads):
+            try:
+                outcome: FileVersion | ScpdError = self._upload_one(
+                    item, None if note_temps is None else
+                    lambda temp, index=index: note_temps([(index, temp)]))
+            except ScpdError as error:
+                outcome = error
+            on_result(index, outcome)
+            if isinstance(outcome, ScpdError) and ends_batch(outcome):
+                for rest in range(index + 1, len(uploads)):
+                    on_result(rest, outcome)
+                return
+
+    def _upload_one(self, item: Upload, note_temp: Callable[[str], None] | None
+                    ) -> FileVersion:
+        raise NotImplementedError
 
     @abstractmethod
     def close(self) -> None:
@@ -56,18 +110,24 @@ class Uploader(ABC):
         """Drop the connection for good: a later upload fails instead of reconnecting."""
 
 
+def ends_batch(error: ScpdError) -> bool:
+    """The connection is gone or the target refuses us: the rest of a batch would fail too."""
+    return isinstance(error, ConnectError | TransferInterrupted) or (
+        isinstance(error, PermanentError) and error.is_target_level)
+
+
 def temp_name(final_name: str, *, is_per_attempt: bool) -> str:
     """The hidden name a file is written under before it is renamed into place.
 
-    SCP needs a name per attempt: its remote command renames by itself when its scp exits 0,
-    so a session cut by the network but still running on the remote must never share a name
-    with the retry (it could rename the retry's partial file into place, or remove it).
-    SFTP does nothing the client does not ask for, so it reuses one name, which the next
-    attempt replaces: nothing stale is left behind by a cut.
+    SCP needs a name per attempt: a session cut by the network may still run on the remote
+    for a while, writing to its temporary file and removing it when it ends, so it must never
+    share a name with the retry's. SFTP does nothing the client does not ask for, so it reuses
+    one name, which the next attempt replaces: nothing stale is left behind by a cut.
+    A name too long, or with a newline (an SCP record cannot carry one), gets a digest.
     """
     token = f".{secrets.token_hex(4)}" if is_per_attempt else ""
     name = f".{final_name}{token}.scpd-part"
-    if len(os.fsencode(name)) <= _NAME_MAX_BYTES:
+    if len(os.fsencode(name)) <= _NAME_MAX_BYTES and "\n" not in name:
         return name
     digest = hashlib.sha256(os.fsencode(final_name)).hexdigest()[:32]
     return f".{digest}{token}.scpd-part"

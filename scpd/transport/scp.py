@@ -1,37 +1,44 @@
 """The SCP source side, written for scpd over a paramiko exec channel.
 
-One remote command per file, its exit status checked:
+One long-lived remote session per connection: a small POSIX shell loop (the agent, below)
+that runs `scp -t -d DIR` for each batch of files bound for one directory, then renames
+each file that arrived whole into place. The session outlives the batch, so a file costs one
+round trip and no new remote shell (a login shell's rc files can cost 100 ms per exec).
 
-    { mkdir -p -- DIR && { rm -f -- STALE || :; } && scp -p -t -- TMP && read -r go &&
-      [ "$go" = publish ] && mv -f -- TMP FINAL; } || { rm -f -- TMP; exit 1; }
+The requests scpd sends the agent are lines, each starting with a random token of this
+session, so that the bytes of a file can never be taken for a request, even if the scp sink
+dies in the middle of one. Paths travel octal-escaped where they hold anything but plain
+characters: file names are data, never shell.
 
-(with a guard that refuses to mv onto a directory named FINAL). STALE is the temporary file
-of the previous attempt at this file, which a crash of the remote leaves behind; the queue
-remembers its name.
+A batch, on the wire:
 
-Once this client has seen the whole file acknowledged it ends the scp with an `E` record
-(the sink reads its input a byte at a time, so nothing more is consumed) and sends `publish`.
-A session that the network cut, but that is still alive on the remote, reads end of input
-instead: it removes its temp file and never renames (it could put an old version over the
-newer one its retry delivered).
+    D<dir>  N<temp>...  [R<stale temp>...]  G     then the scp stream: T, C, data, \\0 for
+    each file (pipelined: the next file's records go out before the last file's ack is
+    read), E; then M<temp> P<final> for each file acknowledged whole, which the agent
+    answers with 0, or with the message of the failed mv and 1.
 
-Every remote path is shell-quoted (file names are data, never shell), exactly the announced
-number of bytes is sent, and a file that changed while it was read is aborted with a fatal
-\\x02 record so that the remote scp exits non-zero and the temporary copy is removed.
+A file that changed while it was read is finished with a non-fatal \\x01 record instead of
+\\0: the sink keeps going, and its temporary copy is removed (R) instead of renamed. A session
+cut by the network, but still running on the remote, reads end of input: it removes the
+temporary files of its batch and ends, and never renames anything.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
-import shlex
+import re
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 
 import paramiko
 
 from scpd.errors import (
     FileChangedError,
+    LocalReadError,
     RemotePathError,
     ScpdError,
     TransferInterrupted,
@@ -39,12 +46,69 @@ from scpd.errors import (
     classify_remote_message,
 )
 from scpd.fileversion import FileVersion
-from scpd.transport.base import LocalFile, Uploader, temp_name
+from scpd.transport.base import (
+    LocalFile,
+    ResultCallback,
+    TempCallback,
+    Upload,
+    Uploader,
+    temp_name,
+)
 from scpd.transport.ssh import SshConnection
 from scpd.transport.throttle import Throttle
 
 _CHUNK_BYTES = 256 * 1024  # 16 KiB to 256 KiB measured equal; larger costs paramiko copies
 _SLICE_BYTES = 32704  # the payload of one packet under OpenSSH's 32 KiB maximum
+_MAX_MESSAGE_LINES = 20
+_PLAIN_PATH = re.compile(rb"[A-Za-z0-9._/+,=@:-]*")
+
+# `set -f`: no globbing of unquoted words. $@ holds the temporary files of the batch, which
+# are removed when the session ends (published ones are gone by then).
+_AGENT = r"""set -f; tok=TOKEN; made=
+while IFS= read -r op; do
+  rest=${op#"$tok"}; [ "$rest" != "$op" ] || break
+  a=${rest#?}
+  case $a in *\\*) a=$(printf '%bx' "$a"); a=${a%x};; esac
+  case $rest in
+    D*) set --; dir=$a;;
+    N*) set -- "$@" "$a";;
+    R*) rm -f -- "$a";;
+    G*) if [ "$dir" != "$made" ]; then
+          e=$(mkdir -p -- "$dir" 2>&1) || { printf '\001%s\n' "$e" | head -n 1; break; }
+          made=$dir
+        fi
+        scp FLAGS-t -d -- "$dir"; s=$?; [ $s -lt 126 ] || exit $s;;
+    M*) t=$a;;
+    P*) if [ -d "$a" ]; then echo 'scpd: Is a directory'; echo 1
+        elif mv -f -- "$t" "$a" 2>&1; then echo 0; else echo 1; fi;;
+    *) break;;
+  esac
+done
+rm -f -- "$@"
+"""
+
+
+@dataclass
+class _Item:
+    """One file of a batch on its way."""
+
+    index: int
+    upload: Upload
+    local: LocalFile
+    temp: str
+    is_whole_at_remote: bool = False  # acknowledged whole under its temporary name
+    outcome: FileVersion | ScpdError | None = None
+
+
+class _Session:
+    """The agent's exec channel, and the token its requests carry."""
+
+    def __init__(self, channel: paramiko.Channel, token: bytes):
+        self.channel = channel
+        self.token = token
+
+    def request(self, letter: bytes, path: str = "") -> bytes:
+        return self.token + letter + _wire_path(path) + b"\n"
 
 
 class ScpUploader(Uploader):
@@ -52,108 +116,225 @@ class ScpUploader(Uploader):
         self.connection = connection
         self.throttle = throttle
         self.target = connection.target
+        self._session: _Session | None = None
+        self._session_transport: paramiko.Transport | None = None
 
     def close(self) -> None:
+        self._session = None
         self.connection.close()
 
     def retire(self) -> None:
+        self._session = None
         self.connection.retire()
 
-    def upload(self, local_path: str | os.PathLike[str], remote_path: str,
-               expected: FileVersion | None = None, *, stale_temp_path: str | None = None,
-               note_temp: Callable[[str], None] | None = None) -> FileVersion:
+    def upload_batch(self, uploads: Sequence[Upload], on_result: ResultCallback,
+                     note_temps: TempCallback | None = None) -> None:
+        """Files bound for one directory go in one batch; a change of directory starts
+        another batch on the same session."""
         self.progress_at = time.monotonic()
-        with LocalFile(local_path, expected) as local:
+        start = 0
+        while start < len(uploads):
+            directory = posixpath.dirname(uploads[start].remote_path) or "."
+            end = start + 1
+            while end < len(uploads) and \
+                    (posixpath.dirname(uploads[end].remote_path) or ".") == directory:
+                end += 1
+            self._upload_into(directory, uploads, range(start, end), on_result, note_temps)
+            start = end
+
+    def _upload_into(self, directory: str, uploads: Sequence[Upload], indices: range,
+                     on_result: ResultCallback, note_temps: TempCallback | None) -> None:
+        with ExitStack() as open_files:
+            items = []
+            for index in indices:
+                upload = uploads[index]
+                try:
+                    local = open_files.enter_context(LocalFile(upload.local_path,
+                                                               upload.expected))
+                except ScpdError as error:
+                    on_result(index, error)
+                    continue
+                temp = posixpath.join(directory, temp_name(
+                    posixpath.basename(upload.remote_path), is_per_attempt=True))
+                items.append(_Item(index, upload, local, temp))
+            if not items:
+                return
             try:
-                return self._send(local, remote_path, stale_temp_path, note_temp)
+                self._send_batch(directory, items, note_temps)
             except (OSError, EOFError, paramiko.SSHException) as exc:
-                self.connection.close()  # a half-dead connection is rebuilt, not reused
-                raise classify(exc) from None
-            except TransferInterrupted:
-                self.connection.close()
-                raise
+                self.close()  # a half-dead connection is rebuilt, not reused
+                self._settle_rest(items, classify(exc))
+            except ScpdError as error:
+                # The session's state is unknown: end it (the remote cleans up after it).
+                self._end_session()
+                if isinstance(error, TransferInterrupted):
+                    self.connection.close()
+                self._settle_rest(items, error)
+            for item in items:
+                assert item.outcome is not None
+                on_result(item.index, item.outcome)
 
-    def _send(self, local: LocalFile, final: str, stale: str | None,
-              note_temp: Callable[[str], None] | None) -> FileVersion:
-        target = self.target
-        tmp = posixpath.join(posixpath.dirname(final),
-                             temp_name(posixpath.basename(final), is_per_attempt=True))
-        transport = self.connection.transport()
-        if note_temp is not None:
-            note_temp(tmp)
-        channel = transport.open_session(timeout=target.connect_timeout_seconds)
-        try:
-            channel.settimeout(target.io_timeout_seconds)
-            channel.exec_command(os.fsencode(self._receive_command(final, tmp, stale)))
-            self._expect_ack(channel)
-            version = local.version
-            if target.preserve_times:
-                st = local.stat
-                channel.sendall(_time_record(st.st_mtime_ns, st.st_atime_ns))
-                self._expect_ack(channel)
-            mode = (local.stat.st_mode & 0o7777) if target.preserve_mode else 0o644
-            # The sink writes to TMP, the name in the C record is only checked for sanity.
-            channel.sendall(f"C{mode:04o} {version.size} scpd-upload\n".encode())
-            self._expect_ack(channel)
-            self._send_data(channel, local)
-            if local.has_changed():
-                channel.sendall(b"\x02scpd: source changed while it was sent\n")
-                self._wait_exit(channel)
-                raise FileChangedError(f"{local.path} changed while it was sent")
-            channel.sendall(b"\x00")
-            self._expect_ack(channel, is_last=True)
-            channel.sendall(b"E\n")  # ends the remote scp, which acknowledges and exits 0
-            self._expect_ack(channel)
-            channel.sendall(b"publish\n")
-            channel.shutdown_write()
-            status, stderr = self._wait_exit(channel)
-            if status != 0:
-                raise _remote_failure(status, stderr)
-            return version
-        finally:
-            channel.close()
+    @staticmethod
+    def _settle_rest(items: list[_Item], error: ScpdError) -> None:
+        for item in items:
+            if item.outcome is None:
+                item.outcome = error
 
-    def _receive_command(self, final: str, tmp: str, stale: str | None) -> str:
-        q = shlex.quote
-        flags = "-p " if (self.target.preserve_times or self.target.preserve_mode) else ""
-        directory = posixpath.dirname(final) or "."
+    # -- one batch ---------------------------------------------------------------------------
+
+    def _send_batch(self, directory: str, items: list[_Item],
+                    note_temps: TempCallback | None) -> None:
+        session = self._open_session()
+        if note_temps is not None:
+            note_temps([(item.index, item.temp) for item in items])
+        header = [session.request(b"D", directory)]
+        header += [session.request(b"N", item.temp) for item in items]
         # Best effort: a stale file that cannot be removed must not stop this attempt.
-        clear_stale = (f" {{ rm -f -- {q(stale)} 2>/dev/null || :; }} &&"
-                       if stale and stale != tmp else "")
-        # mv onto an existing directory would move the file inside it: refuse that instead.
-        publish = (f"if [ -d {q(final)} ]; then printf 'scpd: %s: Is a directory\\n' {q(final)}"
-                   f" >&2; false; else mv -f -- {q(tmp)} {q(final)}; fi")
-        return (f"{{ mkdir -p -- {q(directory)} &&{clear_stale} scp {flags}-t -- {q(tmp)} &&"
-                f' IFS= read -r go && [ "$go" = publish ] && {publish}; }}'
-                f" || {{ rm -f -- {q(tmp)}; exit 1; }}")
+        header += [session.request(b"R", item.upload.stale_temp_path) for item in items
+                   if item.upload.stale_temp_path and item.upload.stale_temp_path != item.temp]
+        header.append(session.request(b"G"))
+        channel = session.channel
+        channel.sendall(b"".join(header))
+        refusal = self._read_ack(channel)
+        if refusal is not None:  # the directory could not be made
+            raise classify_remote_message(refusal)
+        self._send_files(channel, items)
+        channel.sendall(b"E\n")  # ends the sink, which acknowledges and exits
+        if (refusal := self._read_ack(channel)) is not None:
+            raise classify_remote_message(refusal)
+        self._publish(session, items)
+        self._drain_stderr(channel)
 
-    def _send_data(self, channel: paramiko.Channel, local: LocalFile) -> None:
-        chunk = self.throttle.chunk_bytes(_CHUNK_BYTES)
-        for data in local.read_chunks(chunk):
-            self.throttle.take(len(data))
-            view = memoryview(data)
-            # Slices of one SSH packet's payload: each return is a sign of life on slow links.
-            for start in range(0, len(view), _SLICE_BYTES):
-                channel.sendall(view[start:start + _SLICE_BYTES])
-                self.progress_at = time.monotonic()
+    def _send_files(self, channel: paramiko.Channel, items: list[_Item]) -> None:
+        """T, C, data and trailer of each file; the ack of a file's data is read after the
+        next file's records are on their way, so each file costs one round trip."""
+        unacknowledged: _Item | None = None
+        for item in items:
+            channel.sendall(self._records(item))
+            if unacknowledged is not None:
+                self._finish(channel, unacknowledged)
+            if self.target.preserve_times and (refusal := self._read_ack(channel)):
+                raise classify_remote_message(refusal)  # the sink gives up on a bad T
+            if (refusal := self._read_ack(channel)) is not None:
+                item.outcome = classify_remote_message(refusal)  # nothing was created
+                continue
+            self._send_data(channel, item)
+            unacknowledged = item
+        if unacknowledged is not None:
+            self._finish(channel, unacknowledged)
 
-    def _expect_ack(self, channel: paramiko.Channel, *, is_last: bool = False) -> None:
+    def _records(self, item: _Item) -> bytes:
+        st, size = item.local.stat, item.local.version.size
+        mode = (st.st_mode & 0o7777) if self.target.preserve_mode else 0o644
+        times = _time_record(st.st_mtime_ns, st.st_atime_ns) if self.target.preserve_times \
+            else b""
+        return times + f"C{mode:04o} {size} ".encode() + \
+            os.fsencode(posixpath.basename(item.temp)) + b"\n"
+
+    def _send_data(self, channel: paramiko.Channel, item: _Item) -> None:
+        """Exactly the announced size, then \\0, or \\x01 if what was read is not one version
+        of the file (the sink then keeps the copy under its temporary name, which is
+        removed)."""
+        chunk, sent = self.throttle.chunk_bytes(_CHUNK_BYTES), 0
+        try:
+            for data in item.local.read_chunks(chunk):
+                self.throttle.take(len(data))
+                self._send_slices(channel, data)
+                sent += len(data)
+        except (FileChangedError, LocalReadError) as error:
+            item.outcome = error
+            self._send_zeros(channel, item.local.version.size - sent)
+        if item.outcome is None and item.local.has_changed():
+            item.outcome = FileChangedError(f"{item.local.path} changed while it was sent")
+        channel.sendall(b"\x00" if item.outcome is None else b"\x01scpd: not sent whole\n")
+
+    def _send_slices(self, channel: paramiko.Channel, data: bytes) -> None:
+        view = memoryview(data)
+        # Slices of one SSH packet's payload: each return is a sign of life on slow links.
+        for start in range(0, len(view), _SLICE_BYTES):
+            channel.sendall(view[start:start + _SLICE_BYTES])
+            self.progress_at = time.monotonic()
+
+    def _send_zeros(self, channel: paramiko.Channel, count: int) -> None:
+        """The rest of a file that shrank: the sink waits for the announced size."""
+        zeros = bytes(min(count, _CHUNK_BYTES))
+        while count > 0:
+            self._send_slices(channel, zeros[:count])
+            count -= min(count, len(zeros))
+
+    def _finish(self, channel: paramiko.Channel, item: _Item) -> None:
+        refusal = self._read_ack(channel, is_last=True)
+        if refusal is not None and item.outcome is None:
+            item.outcome = classify_remote_message(refusal)  # e.g. the remote disk is full
+        item.is_whole_at_remote = item.outcome is None
+
+    def _publish(self, session: _Session, items: list[_Item]) -> None:
+        whole = [item for item in items if item.is_whole_at_remote]
+        requests = []
+        for item in whole:
+            requests += [session.request(b"M", item.temp),
+                         session.request(b"P", item.upload.remote_path)]
+        requests += [session.request(b"R", item.temp) for item in items
+                     if not item.is_whole_at_remote]
+        if not requests:
+            return
+        session.channel.sendall(b"".join(requests))
+        for item in whole:
+            message = self._read_status(session.channel)
+            item.outcome = item.local.version if message is None else \
+                classify_remote_message(f"{message} (renaming into {item.upload.remote_path})")
+
+    # -- the session -------------------------------------------------------------------------
+
+    def _open_session(self) -> _Session:
+        transport = self.connection.transport()
+        session = self._session
+        if session is not None and self._session_transport is transport and \
+                not session.channel.closed and not session.channel.exit_status_ready():
+            return session
+        self._end_session()
+        target = self.target
+        channel = transport.open_session(timeout=target.connect_timeout_seconds)
+        channel.settimeout(target.io_timeout_seconds)
+        token = secrets.token_hex(8)
+        flags = "-p " if (target.preserve_times or target.preserve_mode) else ""
+        channel.exec_command(_AGENT.replace("TOKEN", token).replace("FLAGS", flags))
+        self._session, self._session_transport = _Session(channel, token.encode()), transport
+        return self._session
+
+    def _end_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.channel.close()  # the agent reads end of input and removes its temps
+
+    def _drain_stderr(self, channel: paramiko.Channel) -> None:
+        """The sink repeats refusals on stderr; unread, they would eat the channel window."""
+        while channel.recv_stderr_ready():
+            channel.recv_stderr(65536)
+
+    # -- reading the remote ------------------------------------------------------------------
+
+    def _read_ack(self, channel: paramiko.Channel, *, is_last: bool = False) -> str | None:
+        """None for an ack, the message of a refusal of this file (\\x01); raises when the
+        sink gave up or never spoke SCP."""
         code = self._recv_last_ack(channel) if is_last else channel.recv(1)
         self.progress_at = time.monotonic()
         if code == b"\x00":
-            return
+            return None
         if not code:
             status, stderr = self._wait_exit(channel)
             raise _remote_failure(status, stderr)
         message = _read_line(channel)
-        if code in (b"\x01", b"\x02"):
+        if code == b"\x01":
+            return message
+        if code == b"\x02":
             raise classify_remote_message(message)
         # Not the SCP protocol at all: e.g. "This service allows sftp connections only."
         raise RemotePathError(f"remote did not speak SCP: {(code.decode('latin-1') + message)!r}"
                               " (try protocol = \"sftp\")")
 
     def _recv_last_ack(self, channel: paramiko.Channel) -> bytes:
-        """The ack of the whole file comes once the remote has read everything still in
+        """The ack of a whole file comes once the remote has read everything still in
         flight, which on a slow link takes longer than io_timeout: wait as long as the
         kernel's send queue keeps draining, and io_timeout past the moment it stops."""
         channel.settimeout(1.0)
@@ -173,6 +354,16 @@ class ScpUploader(Uploader):
         finally:
             channel.settimeout(self.target.io_timeout_seconds)
 
+    def _read_status(self, channel: paramiko.Channel) -> str | None:
+        """The agent's answer to a rename: None when done, else what mv said."""
+        said: list[str] = []
+        while (line := _read_line(channel)) not in ("0", "1"):
+            if channel.eof_received or len(said) > _MAX_MESSAGE_LINES:
+                raise TransferInterrupted("the remote session ended during the rename")
+            said.append(line)
+        self.progress_at = time.monotonic()
+        return None if line == "0" else ("; ".join(said) or "rename failed")
+
     def _wait_exit(self, channel: paramiko.Channel) -> tuple[int | None, str]:
         if not channel.status_event.wait(self.target.io_timeout_seconds):
             return None, ""
@@ -180,6 +371,16 @@ class ScpUploader(Uploader):
         while channel.recv_stderr_ready():
             stderr += channel.recv_stderr(4096)
         return channel.recv_exit_status(), stderr.decode("utf-8", "replace").strip()
+
+
+def _wire_path(path: str) -> bytes:
+    """A path as one line of plain characters: others as \\0NNN, which the agent's
+    printf %b turns back into bytes."""
+    raw = os.fsencode(path)
+    if _PLAIN_PATH.fullmatch(raw):
+        return raw
+    return b"".join(bytes((byte,)) if _PLAIN_PATH.fullmatch(bytes((byte,)))
+                    else b"\\0%03o" % byte for byte in raw)
 
 
 def _time_record(mtime_ns: int, atime_ns: int) -> bytes:

@@ -23,7 +23,7 @@ from scpd.errors import (
     classify_sftp,
 )
 from scpd.fileversion import FileVersion
-from scpd.transport.base import LocalFile, Uploader, temp_name
+from scpd.transport.base import LocalFile, Upload, Uploader, temp_name
 from scpd.transport.ssh import SshConnection
 from scpd.transport.throttle import Throttle
 
@@ -46,11 +46,11 @@ class SftpUploader(Uploader):
         self._sftp = None
         self.connection.retire()
 
-    def upload(self, local_path: str | os.PathLike[str], remote_path: str,
-               expected: FileVersion | None = None, *, stale_temp_path: str | None = None,
-               note_temp: Callable[[str], None] | None = None) -> FileVersion:
+    def _upload_one(self, item: Upload, note_temp: Callable[[str], None] | None
+                    ) -> FileVersion:
         self.progress_at = time.monotonic()
-        with LocalFile(local_path, expected) as local:
+        remote_path, stale_temp_path = item.remote_path, item.stale_temp_path
+        with LocalFile(item.local_path, item.expected) as local:
             sftp = self.client()
             tmp_text = posixpath.join(posixpath.dirname(remote_path), temp_name(
                 posixpath.basename(remote_path), is_per_attempt=False))

@@ -442,7 +442,7 @@ def test_store_remembers_the_remote_temp_of_an_attempt_until_delivery(store: Sto
     store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
     first = store.claim("offsite", WATCHES, now=T0)
     assert first.remote_temp is None
-    store.note_remote_temp(first, "/in/.a.pdf.0badf00d.scpd-part")
+    store.note_remote_temps([(first, "/in/.a.pdf.0badf00d.scpd-part")])
     store.mark_retry(first, "connection lost", next_attempt_at=T0, now=T0)
 
     second = store.claim("offsite", WATCHES, now=T0)
