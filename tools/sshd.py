@@ -37,10 +37,12 @@ class ThrowawaySshd:
     """
 
     def __init__(self, workdir: Path, *, extra_config: str = "",
-                 launcher: list[str] | None = None) -> None:
-        """launcher: a command prefix sshd runs under (e.g. unshare for a private mount)."""
+                 launcher: list[str] | None = None, has_sftp: bool = True) -> None:
+        """launcher: a command prefix sshd runs under (e.g. unshare for a private mount).
+        has_sftp=False: a server without the SFTP subsystem (SCP only)."""
         self.workdir = Path(workdir).absolute()
         self.extra_config = extra_config
+        self.has_sftp = has_sftp
         self.launcher = launcher or []
         self.port: int | None = None
         # The effective user, not $USER: it is the only one a non-root sshd can log in.
@@ -200,8 +202,9 @@ class ThrowawaySshd:
             "PermitRootLogin prohibit-password",
             "LogLevel VERBOSE",
             "MaxStartups 100:30:200",
-            "Subsystem sftp internal-sftp",
         ]
+        if self.has_sftp:
+            lines.append("Subsystem sftp internal-sftp")
         # Appended last: extra Port lines still come before any Match block they bring.
         return "\n".join(lines) + "\n" + self.extra_config.strip("\n") + "\n"
 

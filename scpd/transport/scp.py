@@ -25,6 +25,7 @@ temporary files of its batch and ends, and never renames anything.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -54,8 +55,11 @@ from scpd.transport.base import (
     Uploader,
     temp_name,
 )
+from scpd.transport.sftp import rename_into_place
 from scpd.transport.ssh import SshConnection
 from scpd.transport.throttle import Throttle
+
+log = logging.getLogger("scpd.transport")
 
 _CHUNK_BYTES = 256 * 1024  # 16 KiB to 256 KiB measured equal; larger costs paramiko copies
 _SLICE_BYTES = 32704  # the payload of one packet under OpenSSH's 32 KiB maximum
@@ -118,6 +122,8 @@ class ScpUploader(Uploader):
         self.target = connection.target
         self._session: _Session | None = None
         self._session_transport: paramiko.Transport | None = None
+        self._renames_sftp: paramiko.SFTPClient | None = None
+        self._renames_transport: paramiko.Transport | None = None
 
     def close(self) -> None:
         self._session = None
@@ -269,20 +275,56 @@ class ScpUploader(Uploader):
         item.is_whole_at_remote = item.outcome is None
 
     def _publish(self, session: _Session, items: list[_Item]) -> None:
+        """Rename each whole file into place, remove the rest. Renames go over SFTP where
+        the server offers it: one request each, where mv costs the remote a process (which
+        measured 40 % of the time of a flood of small files)."""
         whole = [item for item in items if item.is_whole_at_remote]
+        sftp = self._sftp_for_renames() if whole else None
         requests = []
-        for item in whole:
-            requests += [session.request(b"M", item.temp),
-                         session.request(b"P", item.upload.remote_path)]
+        if sftp is None:
+            for item in whole:
+                requests += [session.request(b"M", item.temp),
+                             session.request(b"P", item.upload.remote_path)]
         requests += [session.request(b"R", item.temp) for item in items
                      if not item.is_whole_at_remote]
-        if not requests:
+        if requests:
+            session.channel.sendall(b"".join(requests))
+        if sftp is None:
+            for item in whole:
+                item.outcome = self._renamed_by_agent(session, item)
             return
-        session.channel.sendall(b"".join(requests))
-        for item in whole:
-            message = self._read_status(session.channel)
-            item.outcome = item.local.version if message is None else \
-                classify_remote_message(f"{message} (renaming into {item.upload.remote_path})")
+        refusals = rename_into_place(sftp, [(os.fsencode(item.temp),
+                                             os.fsencode(item.upload.remote_path))
+                                            for item in whole])
+        self.progress_at = time.monotonic()
+        for item, refusal in zip(whole, refusals, strict=True):
+            item.outcome = item.local.version if refusal is None else refusal
+
+    def _renamed_by_agent(self, session: _Session, item: _Item) -> FileVersion | ScpdError:
+        message = self._read_status(session.channel)
+        if message is None:
+            return item.local.version
+        return classify_remote_message(f"{message} (renaming into {item.upload.remote_path})")
+
+    def _sftp_for_renames(self) -> paramiko.SFTPClient | None:
+        """An SFTP channel on this connection, or None if the server has no SFTP."""
+        transport = self.connection.transport()
+        if self._renames_transport is not transport:
+            self._renames_transport, self._renames_sftp = transport, None
+            try:
+                self._renames_sftp = paramiko.SFTPClient.from_transport(transport)
+            except (EOFError, paramiko.SSHException, OSError):
+                if not transport.is_active():
+                    raise
+                log.info("%s offers no SFTP: files are renamed into place by mv",
+                         self.target.name)
+            if self._renames_sftp is not None:
+                self._renames_sftp.get_channel().settimeout(self.target.io_timeout_seconds)
+        sftp = self._renames_sftp
+        if sftp is not None and sftp.get_channel().closed:
+            self._renames_transport = None  # reopened next time
+            raise TransferInterrupted("the sftp channel for renames closed")
+        return sftp
 
     # -- the session -------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import paramiko
+from paramiko.sftp import CMD_EXTENDED
 
 from scpd.errors import (
     FileChangedError,
@@ -64,7 +65,8 @@ class SftpUploader(Uploader):
             try:
                 self.makedirs(sftp, posixpath.dirname(final))
                 self._write(sftp, local, tmp)
-                self._rename(sftp, tmp, final)
+                if (refusal := rename_into_place(sftp, [(tmp, final)])[0]) is not None:
+                    raise refusal
                 return local.version
             except ScpdError:
                 self._remove_quietly(sftp, tmp)
@@ -140,14 +142,6 @@ class SftpUploader(Uploader):
     def _note_progress(self) -> None:
         self.progress_at = time.monotonic()
 
-    def _rename(self, sftp: paramiko.SFTPClient, tmp: bytes, final: bytes) -> None:
-        try:
-            sftp.posix_rename(tmp, final)
-        except OSError as exc:
-            if exc.errno is None and _is_dir(sftp, final):
-                raise RemotePathError(f"remote: {os.fsdecode(final)}: Is a directory") from None
-            raise
-
     def _remove_quietly(self, sftp: paramiko.SFTPClient, path: bytes) -> None:
         try:
             sftp.remove(path)
@@ -168,6 +162,33 @@ def _wait_for_write_replies(remote: paramiko.SFTPFile, on_reply: Callable[[], No
     while pending:
         remote.sftp._read_response(pending.popleft())  # noqa: SLF001 -- raises on error
         on_reply()
+
+
+def rename_into_place(sftp: paramiko.SFTPClient, pairs: list[tuple[bytes, bytes]]
+                      ) -> list[ScpdError | None]:
+    """posix-rename@openssh.com each (temp, final), which replaces atomically (plain SFTPv3
+    rename refuses to). Pipelined: one round trip for them all. None where it was done."""
+    numbers = [sftp._async_request(type(None), CMD_EXTENDED,  # noqa: SLF001 -- see below
+                                   "posix-rename@openssh.com", temp, final)
+               for temp, final in pairs]
+    refused: dict[int, OSError] = {}
+    for index, number in enumerate(numbers):
+        try:
+            # paramiko answers one request at a time; replies are read in order here, and
+            # nothing else is asked before all are in (it would drop them unread).
+            sftp._read_response(number)  # noqa: SLF001
+        except OSError as exc:
+            if sftp.get_channel().closed:  # the channel, not the file
+                raise TransferInterrupted(f"sftp channel closed: {exc}") from None
+            refused[index] = exc
+    return [_rename_refusal(sftp, final, refused[index]) if index in refused else None
+            for index, (_, final) in enumerate(pairs)]
+
+
+def _rename_refusal(sftp: paramiko.SFTPClient, final: bytes, exc: OSError) -> ScpdError:
+    if exc.errno is None and _is_dir(sftp, final):
+        return RemotePathError(f"remote: {os.fsdecode(final)}: Is a directory")
+    return classify_sftp(exc, os.fsdecode(final))
 
 
 def _is_dir(sftp: paramiko.SFTPClient, path: bytes) -> bool:
