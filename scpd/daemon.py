@@ -94,7 +94,7 @@ class Daemon:
             # Files owed only to paused targets cannot go in this run: no use waiting.
             if not len(self.settler) and not self._owed_count(skip=self.pool.paused_targets()):
                 break
-            time.sleep(_TICK_SECONDS)
+            self.settler.wait_for_closed(_TICK_SECONDS)
         self._shutdown(grace_seconds=0.0 if self.flags.stop_requests else _STOP_GRACE_SECONDS)
         exit_code = self._report_once(timeout_seconds)
         self.close()
@@ -142,7 +142,7 @@ class Daemon:
             if now >= next_status:
                 sdnotify.notify(f"STATUS={self._status_line()}")
                 next_status = now + 1.0
-            time.sleep(_TICK_SECONDS)
+            self.settler.wait_for_closed(_TICK_SECONDS)
 
     def _enqueue_ready(self) -> None:
         ready = self.settler.take_ready()

@@ -165,10 +165,11 @@ class Pool:
         now = time.monotonic()
         for worker in self._workers:
             limit = worker.target.io_timeout_seconds + worker.target.connect_timeout_seconds
-            jobs = worker.jobs
-            if jobs and now - worker.uploader.progress_at > limit:
-                log.warning("%s: no progress for %.0fs sending %s; cutting the connection",
-                            worker.target.name, limit, jobs[0].rel_path)
+            jobs, is_connecting = worker.jobs, worker.is_connecting_ahead
+            if (jobs or is_connecting) and now - worker.uploader.progress_at > limit:
+                doing = f"sending {jobs[0].rel_path}" if jobs else "connecting"
+                log.warning("%s: no progress for %.0fs %s; cutting the connection",
+                            worker.target.name, limit, doing)
                 worker.uploader.progress_at = now  # once per stall
                 worker.uploader.close()
 
@@ -303,9 +304,11 @@ class _Worker(threading.Thread):
         self.target = target
         self.uploader = uploader
         self.jobs: list[Job] = []  # the batch in hand
+        self.is_connecting_ahead = False  # the stall guard watches this too
 
     def run(self) -> None:
         store = self.pool.store
+        self._prepare()
         idle_since = time.monotonic()
         while not self.pool.is_stopping:
             held, is_probe = self.pool.admit(self.target)
@@ -343,6 +346,19 @@ class _Worker(threading.Thread):
                 idle_since = time.monotonic()
             for job, version in delivered:  # not transfers: the stall guard does not watch
                 self.pool.after_delivery(job.watch, job.rel_path, version)
+
+    def _prepare(self) -> None:
+        """Log in before the first file, which then goes at once. A target that cannot be
+        reached now is not reported here: the first file to send finds out, and says so."""
+        self.uploader.progress_at = time.monotonic()
+        self.is_connecting_ahead = True
+        try:
+            self.uploader.prepare()
+        except ScpdError as error:
+            log.debug("%s: could not connect ahead of the first file: %s", self.target.name,
+                      error)
+        finally:
+            self.is_connecting_ahead = False
 
     def _idle_seconds(self) -> float:
         due = self.pool.store.next_due_at(self.target.name, self.pool.watch_names)

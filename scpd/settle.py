@@ -91,6 +91,7 @@ class Settler:
         self._candidates: dict[_Key, _Candidate] = {}
         self._due: list[tuple[float, int, _Key]] = []  # heap; stale entries are skipped
         self._order = itertools.count()
+        self._closed_noted = threading.Event()
 
     def note(self, watch: str, path: str, rel_path: str, settle_seconds: float,
              *, is_closed: bool = False, follow_symlinks: bool = False) -> None:
@@ -107,6 +108,14 @@ class Settler:
                     candidate.is_closed = True
                     candidate.due_at = now
                     self._push(now, (watch, path))
+        if is_closed:
+            self._closed_noted.set()
+
+    def wait_for_closed(self, seconds: float) -> None:
+        """Sleep up to `seconds`, less if a file is closed after writing meanwhile: it is
+        likely ready now, and a tick's wait would be most of its way to the remote."""
+        self._closed_noted.wait(seconds)
+        self._closed_noted.clear()
 
     def offer(self, watch: str, path: str, rel_path: str, settle_seconds: float,
               st: os.stat_result, *, follow_symlinks: bool = False) -> ReadyFile | None:

@@ -101,6 +101,11 @@ class Uploader(ABC):
                     ) -> FileVersion:
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Open now what the next upload needs (connection, session), so that the first file
+        does not wait for a login. Raises the scpd error family."""
+        self.connection.transport()
+
     @abstractmethod
     def close(self) -> None:
         """Drop the connection; the next upload opens a new one."""

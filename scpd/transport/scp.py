@@ -67,7 +67,8 @@ _MAX_MESSAGE_LINES = 20
 _PLAIN_PATH = re.compile(rb"[A-Za-z0-9._/+,=@:-]*")
 
 # `set -f`: no globbing of unquoted words. $@ holds the temporary files of the batch, which
-# are removed when the session ends (published ones are gone by then).
+# are removed when the session ends (published ones are gone by then): also when the sink
+# died with the connection (SIGPIPE), as only a missing scp (126, 127) ends it at once.
 _AGENT = r"""set -f; tok=TOKEN; made=
 while IFS= read -r op; do
   rest=${op#"$tok"}; [ "$rest" != "$op" ] || break
@@ -81,7 +82,7 @@ while IFS= read -r op; do
           e=$(mkdir -p -- "$dir" 2>&1) || { printf '\001%s\n' "$e" | head -n 1; break; }
           made=$dir
         fi
-        scp FLAGS-t -d -- "$dir"; s=$?; [ $s -lt 126 ] || exit $s;;
+        scp FLAGS-t -d -- "$dir"; s=$?; case $s in 126|127) exit $s;; esac;;
     M*) t=$a;;
     P*) if [ -d "$a" ]; then echo 'scpd: Is a directory'; echo 1
         elif mv -f -- "$t" "$a" 2>&1; then echo 0; else echo 1; fi;;
@@ -124,6 +125,14 @@ class ScpUploader(Uploader):
         self._session_transport: paramiko.Transport | None = None
         self._renames_sftp: paramiko.SFTPClient | None = None
         self._renames_transport: paramiko.Transport | None = None
+
+    def prepare(self) -> None:
+        try:
+            self._open_session()
+            self._sftp_for_renames()
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            self.close()
+            raise classify(exc) from None
 
     def close(self) -> None:
         self._session = None

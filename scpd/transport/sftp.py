@@ -64,7 +64,7 @@ class SftpUploader(Uploader):
                     self._remove_quietly(sftp, os.fsencode(stale_temp_path))
             try:
                 self.makedirs(sftp, posixpath.dirname(final))
-                self._write(sftp, local, tmp)
+                self._write(sftp, local, tmp, is_retry=stale_temp_path == tmp_text)
                 if (refusal := rename_into_place(sftp, [(tmp, final)])[0]) is not None:
                     raise refusal
                 return local.version
@@ -115,11 +115,13 @@ class SftpUploader(Uploader):
             except OSError:
                 raise exc from None
 
-    def _write(self, sftp: paramiko.SFTPClient, local: LocalFile, tmp: bytes) -> None:
+    def _write(self, sftp: paramiko.SFTPClient, local: LocalFile, tmp: bytes, *,
+               is_retry: bool) -> None:
         chunk = self.throttle.chunk_bytes(_CHUNK_BYTES)
-        # A new inode, not the old temp truncated: writes of a cut session that the remote
-        # sftp-server still has queued then land in the unlinked old file, never in this one.
-        self._remove_quietly(sftp, tmp)
+        if is_retry:
+            # A new inode, not the old temp truncated: writes of a cut session that the
+            # remote sftp-server still has queued land in the unlinked old file, not here.
+            self._remove_quietly(sftp, tmp)
         with sftp.open(tmp, "wb") as remote:
             remote.set_pipelined(True)
             for data in local.read_chunks(chunk):

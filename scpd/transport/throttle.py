@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 
 
 class TokenBucket:
-    """A cap of `rate_bytes_per_second`, with bursts of at most a quarter second's worth.
+    """A cap of `rate_bytes_per_second`, with bursts of at most an eighth of a second's worth:
+    with reads of at most half that (Throttle.chunk_bytes), what goes out over any stretch of
+    time exceeds the cap by less than the quarter second the contract allows.
 
     take() reserves bytes under the lock (the balance may go negative) and sleeps for the
     debt outside it, so several threads sharing one bucket together hold the rate exactly.
@@ -18,7 +20,7 @@ class TokenBucket:
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep):
         self.rate_bytes_per_second = float(rate_bytes_per_second)
-        self.burst_bytes = self.rate_bytes_per_second / 4
+        self.burst_bytes = self.rate_bytes_per_second / 8
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -43,8 +45,9 @@ class Throttle:
         self.buckets = tuple(buckets)
 
     def chunk_bytes(self, preferred: int) -> int:
-        """Reads no larger than a bucket's burst keep bursts within the cap's promise."""
-        smallest = min((b.burst_bytes for b in self.buckets), default=preferred)
+        """Reads no larger than half a bucket's burst keep bursts within the cap's promise
+        (a chunk is sent after its take(): the one after a full burst adds to it)."""
+        smallest = min((b.burst_bytes / 2 for b in self.buckets), default=preferred)
         return max(1, min(preferred, int(smallest)))
 
     def take(self, nbytes: int) -> None:

@@ -95,7 +95,7 @@ def test_token_bucket_first_burst_is_at_most_a_quarter_second(time_: FakeTime) -
     assert 0 < burst <= rate / 4
 
 
-def test_token_bucket_does_not_save_up_idle_time_beyond_a_quarter_second(
+def test_token_bucket_does_not_save_up_idle_time_beyond_an_eighth_of_a_second(
         time_: FakeTime) -> None:
     rate = parse_rate("4MB/s")
     limiter = bucket(rate, time_)
@@ -104,8 +104,8 @@ def test_token_bucket_does_not_save_up_idle_time_beyond_a_quarter_second(
 
     burst = bytes_before_first_sleep(limiter, time_, 1000)
 
-    assert burst <= rate / 4
-    assert burst >= rate / 4 - 1000  # the quarter second is available again
+    assert burst <= rate / 8
+    assert burst >= rate / 8 - 1000  # the eighth of a second is available again
 
 
 def test_throttle_the_slowest_of_several_caps_governs(time_: FakeTime) -> None:
@@ -143,4 +143,27 @@ def test_throttle_chunk_bytes_never_exceeds_the_burst_of_a_very_low_cap(
         time_: FakeTime) -> None:
     low = bucket(parse_rate("2KB/s"), time_)
 
-    assert Throttle([low]).chunk_bytes(1024 * 1024) <= low.burst_bytes
+    assert Throttle([low]).chunk_bytes(1024 * 1024) <= low.burst_bytes / 2
+
+
+@pytest.mark.parametrize("rate_text", ["100KB/s", "1MB/s", "50MB/s", "100MB/s"])
+def test_what_goes_out_never_exceeds_the_cap_by_a_quarter_second(time_: FakeTime,
+                                                                 rate_text: str) -> None:
+    # What the contract measures: over any stretch of time, bytes sent minus cap x time.
+    rate = parse_rate(rate_text)
+    throttle = Throttle([bucket(rate, time_)])
+    chunk = throttle.chunk_bytes(256 * 1024)
+    sends = []  # (when a chunk went out, bytes out before it)
+    total = 0
+    while time_.now - 5000.0 < 20:
+        throttle.take(chunk)
+        sends.append((time_.now, total))
+        total += chunk
+
+    worst = 0.0
+    for j, (t_end, before_end) in enumerate(sends):
+        for t_start, before_start in sends[max(0, j - 400):j + 1]:
+            sent = before_end + chunk - before_start
+            worst = max(worst, sent - rate * (t_end - t_start))
+
+    assert worst <= rate / 4
