@@ -387,30 +387,40 @@ class _Worker(threading.Thread):
                 lambda temps: pool.store.note_remote_temps([(jobs[i], t) for i, t in temps]))
         finally:  # whatever became of the files, a connection made since a pause ends it
             pool.note_reached(target, self.uploader.connected_at)
-        done: list[tuple[Job, FileVersion]] = []
+        sent = [(index, outcome) for index, outcome in sorted(outcomes.items())
+                if not isinstance(outcome, ScpdError)]
+        done = self._record_successes([jobs[i] for i, _ in sent], [v for _, v in sent],
+                                      [fields[i] for i, _ in sent], started)
         failed_together: dict[int, list[int]] = {}  # one error object: one failure
         for index, outcome in sorted(outcomes.items()):
             if isinstance(outcome, ScpdError):
                 failed_together.setdefault(id(outcome), []).append(index)
-            elif self._record_success(jobs[index], outcome, fields[index], started):
-                done.append((jobs[index], outcome))
         for indices in failed_together.values():
             self._record_failure([jobs[i] for i in indices], outcomes[indices[0]],
                                  [fields[i] for i in indices], started)
         return done
 
-    def _record_success(self, job: Job, sent: FileVersion, fields: dict,
-                        started_at: float) -> bool:
-        """True if the job is done (no newer version was queued meanwhile)."""
+    def _record_successes(self, jobs: list[Job], versions: list[FileVersion],
+                          fields: list[dict], started_at: float
+                          ) -> list[tuple[Job, FileVersion]]:
+        """Record what landed, in one transaction; the (job, version) of the jobs now done
+        (not those whose newer version was queued meanwhile)."""
+        if not jobs:
+            return []
         pool, target = self.pool, self.target
         duration_ms = int((time.monotonic() - started_at) * 1000)
         pool.target_up(target)
-        pool.count_bytes(sent.size)
-        is_done = pool.store.mark_delivered(job, sent)
-        logs.event(logging.INFO, "sent", "sent %s to %s:%s (%s in %d ms)", job.rel_path,
-                   target.name, fields["remote_path"], _human_bytes(sent.size), duration_ms,
-                   bytes=sent.size, duration_ms=duration_ms, **fields)
-        return is_done
+        is_done = pool.store.mark_delivered_many(list(zip(jobs, versions, strict=True)))
+        done = []
+        for job, version, its_fields, job_is_done in zip(jobs, versions, fields, is_done,
+                                                         strict=True):
+            pool.count_bytes(version.size)
+            logs.event(logging.INFO, "sent", "sent %s to %s:%s (%s in %d ms)", job.rel_path,
+                       target.name, its_fields["remote_path"], _human_bytes(version.size),
+                       duration_ms, bytes=version.size, duration_ms=duration_ms, **its_fields)
+            if job_is_done:
+                done.append((job, version))
+        return done
 
     def _record_failure(self, jobs: list[Job], error: ScpdError, fields: list[dict],
                         started_at: float) -> None:

@@ -268,9 +268,14 @@ class Store:
     def mark_delivered(self, job: Job, sent: FileVersion, now: float | None = None) -> bool:
         """Record what reached the remote. True if the job is done, False if a newer version
         was queued meanwhile (the job is then pending again)."""
+        return self.mark_delivered_many([(job, sent)], now)[0]
+
+    def mark_delivered_many(self, delivered: list[tuple[Job, FileVersion]],
+                            now: float | None = None) -> list[bool]:
+        """mark_delivered for each, in one transaction (a batch lands at once)."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 """
                 UPDATE jobs SET delivered_size = ?, delivered_mtime_ns = ?, delivered_at = ?,
                     attempts = 0, first_failure_at = NULL, last_error = NULL,
@@ -280,10 +285,12 @@ class Store:
                                  THEN 'delivered' ELSE 'pending' END
                 WHERE id = ?
                 """,
-                (sent.size, sent.mtime_ns, now, job.generation, sent.size, sent.mtime_ns,
-                 job.id))
-            state = db.execute("SELECT state FROM jobs WHERE id = ?", (job.id,)).fetchone()
-        return state is not None and state[0] == JobState.DELIVERED
+                [(sent.size, sent.mtime_ns, now, job.generation, sent.size, sent.mtime_ns,
+                  job.id) for job, sent in delivered])
+            done = {row[0] for row in db.execute(
+                f"SELECT id FROM jobs WHERE state = 'delivered' AND id IN"
+                f" ({','.join('?' * len(delivered))})", [job.id for job, _ in delivered])}
+        return [job.id in done for job, _ in delivered]
 
     def mark_retry(self, job: Job, error: str, next_attempt_at: float,
                    now: float | None = None) -> None:
