@@ -379,25 +379,38 @@ class _Worker(threading.Thread):
             uploads.append(Upload(source, remote, job.version, job.remote_temp))
             fields.append(dict(watch=watch.name, target=target.name, path=str(local),
                                remote_path=remote, attempt=job.attempts + 1))
+        done: list[tuple[Job, FileVersion]] = []
         started = time.monotonic()
-        outcomes: dict[int, FileVersion | ScpdError] = {}
+        since = [started]  # the previous outcome: a file's duration starts there
+
+        def record(outcomes: list[tuple[int, FileVersion | ScpdError]]) -> None:
+            done.extend(self._record_outcomes(jobs, fields, outcomes, started, since[0]))
+            since[0] = time.monotonic()
+
         try:
             self.uploader.upload_batch(
-                uploads, outcomes.__setitem__,
+                uploads, record,
                 lambda temps: pool.store.note_remote_temps([(jobs[i], t) for i, t in temps]))
         finally:  # whatever became of the files, a connection made since a pause ends it
             pool.note_reached(target, self.uploader.connected_at)
-        sent = [(index, outcome) for index, outcome in sorted(outcomes.items())
-                if not isinstance(outcome, ScpdError)]
+        return done
+
+    def _record_outcomes(self, jobs: list[Job], fields: list[dict],
+                         outcomes: list[tuple[int, FileVersion | ScpdError]],
+                         started_at: float, since: float) -> list[tuple[Job, FileVersion]]:
+        """Record outcomes known together (indexes into jobs); the (job, version) of the
+        jobs now done. started_at: when the batch began; since: the previous outcomes."""
+        sent = [(i, v) for i, v in outcomes if not isinstance(v, ScpdError)]
         done = self._record_successes([jobs[i] for i, _ in sent], [v for _, v in sent],
-                                      [fields[i] for i, _ in sent], started)
-        failed_together: dict[int, list[int]] = {}  # one error object: one failure
-        for index, outcome in sorted(outcomes.items()):
+                                      [fields[i] for i, _ in sent], since)
+        # One error object for several files (a lost connection): one failure.
+        failed_together: dict[int, tuple[ScpdError, list[int]]] = {}
+        for index, outcome in outcomes:
             if isinstance(outcome, ScpdError):
-                failed_together.setdefault(id(outcome), []).append(index)
-        for indices in failed_together.values():
-            self._record_failure([jobs[i] for i in indices], outcomes[indices[0]],
-                                 [fields[i] for i in indices], started)
+                failed_together.setdefault(id(outcome), (outcome, []))[1].append(index)
+        for error, indices in failed_together.values():
+            self._record_failure([jobs[i] for i in indices], error,
+                                 [fields[i] for i in indices], started_at)
         return done
 
     def _record_successes(self, jobs: list[Job], versions: list[FileVersion],

@@ -45,8 +45,8 @@ class Upload:
     stale_temp_path: str | None = None
 
 
-#: on_result(index in the batch, the version now under the final name, or why not)
-ResultCallback = Callable[[int, "FileVersion | ScpdError"], None]
+#: on_results([(index in the batch, the version now under the final name, or why not), ...])
+ResultCallback = Callable[[list[tuple[int, "FileVersion | ScpdError"]]], None]
 #: note_temps([(index in the batch, remote temporary path), ...]): told before anything is
 #: written there
 TempCallback = Callable[[list[tuple[int, str]]], None]
@@ -73,15 +73,17 @@ class Uploader(ABC):
         """One file: the version it sent, or the error raised."""
         results: list[FileVersion | ScpdError] = []
         self.upload_batch([Upload(local_path, remote_path, expected, stale_temp_path)],
-                          lambda _, outcome: results.append(outcome),
+                          lambda outcomes: results.extend(o for _, o in outcomes),
                           None if note_temp is None else lambda temps: note_temp(temps[0][1]))
         if isinstance(results[0], ScpdError):
             raise results[0]
         return results[0]
 
-    def upload_batch(self, uploads: Sequence[Upload], on_result: ResultCallback,
+    def upload_batch(self, uploads: Sequence[Upload], on_results: ResultCallback,
                      note_temps: TempCallback | None = None) -> None:
-        """Every upload, in order; on_result is called once for each, as soon as it is known.
+        """Every upload, in order; each outcome is told to on_results as soon as it is known
+        (those known together, together: the caller records them in one go, and a crash
+        after a file landed costs at most a resend of what was not told yet).
         The default sends them one by one; an error that says the connection or the target
         is unusable ends the batch, and the rest get the same error without being tried."""
         for index, item in enumerate(uploads):
@@ -91,11 +93,10 @@ class Uploader(ABC):
                     lambda temp, index=index: note_temps([(index, temp)]))
             except ScpdError as error:
                 outcome = error
-            on_result(index, outcome)
             if isinstance(outcome, ScpdError) and ends_batch(outcome):
-                for rest in range(index + 1, len(uploads)):
-                    on_result(rest, outcome)
+                on_results([(rest, outcome) for rest in range(index, len(uploads))])
                 return
+            on_results([(index, outcome)])
 
     def _upload_one(self, item: Upload, note_temp: Callable[[str], None] | None
                     ) -> FileVersion:

@@ -142,7 +142,7 @@ class ScpUploader(Uploader):
         self._session = None
         self.connection.retire()
 
-    def upload_batch(self, uploads: Sequence[Upload], on_result: ResultCallback,
+    def upload_batch(self, uploads: Sequence[Upload], on_results: ResultCallback,
                      note_temps: TempCallback | None = None) -> None:
         """Files bound for one directory go in one batch; a change of directory starts
         another batch on the same session."""
@@ -154,11 +154,11 @@ class ScpUploader(Uploader):
             while end < len(uploads) and \
                     (posixpath.dirname(uploads[end].remote_path) or ".") == directory:
                 end += 1
-            self._upload_into(directory, uploads, range(start, end), on_result, note_temps)
+            self._upload_into(directory, uploads, range(start, end), on_results, note_temps)
             start = end
 
     def _upload_into(self, directory: str, uploads: Sequence[Upload], indices: range,
-                     on_result: ResultCallback, note_temps: TempCallback | None) -> None:
+                     on_results: ResultCallback, note_temps: TempCallback | None) -> None:
         with ExitStack() as open_files:
             items = []
             for index in indices:
@@ -167,7 +167,7 @@ class ScpUploader(Uploader):
                     local = open_files.enter_context(LocalFile(upload.local_path,
                                                                upload.expected))
                 except ScpdError as error:
-                    on_result(index, error)
+                    on_results([(index, error)])
                     continue
                 temp = posixpath.join(directory, temp_name(
                     posixpath.basename(upload.remote_path), is_per_attempt=True))
@@ -185,9 +185,8 @@ class ScpUploader(Uploader):
                 if isinstance(error, TransferInterrupted):
                     self.connection.close()
                 self._settle_rest(items, error)
-            for item in items:
-                assert item.outcome is not None
-                on_result(item.index, item.outcome)
+            assert all(item.outcome is not None for item in items)
+            on_results([(item.index, item.outcome) for item in items])  # type: ignore[misc]
 
     @staticmethod
     def _settle_rest(items: list[_Item], error: ScpdError) -> None:
