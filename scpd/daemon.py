@@ -291,7 +291,7 @@ class Daemon:
         rate = (sent - last_sent) / (now - last_at) if now > last_at else 0.0
         self._rate_sample = (now, sent)
         line = (f"watching {len(self.config.watches)} dir(s); {pending} queued, "
-                f"{self.pool.busy_count()} sending, {rate / 1e6:.1f} MB/s")
+                f"{self.pool.sending_count()} sending, {rate / 1e6:.1f} MB/s")
         paused = len(self.pool.paused_targets())
         return (line + (f", {failed} failed" if failed else "")
                 + (f", {paused} target(s) paused" if paused else ""))

@@ -173,8 +173,9 @@ class Pool:
                 worker.uploader.progress_at = now  # once per stall
                 worker.uploader.close()
 
-    def busy_count(self) -> int:
-        return sum(1 for worker in self._workers if worker.jobs)
+    def sending_count(self) -> int:
+        """Files in flight: the batches workers hold now."""
+        return sum(len(worker.jobs) for worker in self._workers)
 
     def count_bytes(self, n: int) -> None:
         with self._bytes_lock:
@@ -189,7 +190,7 @@ class Pool:
         for name in self._wakeups:
             self.wake(name)
         deadline = time.monotonic() + grace_seconds
-        while self.busy_count() and time.monotonic() < deadline and not should_abort():
+        while self.sending_count() and time.monotonic() < deadline and not should_abort():
             time.sleep(0.05)
         for worker in self._workers:
             worker.uploader.retire()
