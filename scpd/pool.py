@@ -337,8 +337,10 @@ class _Worker(threading.Thread):
             try:
                 delivered = self._deliver(jobs)
             except Exception:
-                # A bug must not kill the worker or lose the jobs: log it and retry later.
+                # A bug must not kill the worker or lose the jobs: log it and retry later, on
+                # a new connection (the old one may be mid-protocol).
                 log.exception("internal error delivering %s; will retry", jobs[0].rel_path)
+                self.uploader.close()
                 for job in store.still_sending(jobs):
                     store.mark_retry(job, "internal error",
                                      time.time() + self.target.retry.max_seconds)
@@ -351,13 +353,28 @@ class _Worker(threading.Thread):
     def _prepare(self) -> None:
         """Log in before the first file, which then goes at once. A target that cannot be
         reached now is not reported here: the first file to send finds out, and says so."""
-        self.uploader.progress_at = time.monotonic()
+        started = self.uploader.progress_at = time.monotonic()
         self.is_connecting_ahead = True
         try:
             self.uploader.prepare()
+        except PermanentError as error:
+            if error.is_target_level:  # said now, and not tried again at once by each file
+                self.pool.pause_target(self.target, error, started)
+            else:
+                log.debug("%s: could not prepare the first upload: %s", self.target.name,
+                          error)
+        except ConnectError as error:
+            self.pool.target_down(self.target)  # the first file waits the backoff
+            log.debug("%s: could not connect ahead of the first file: %s", self.target.name,
+                      error)
         except ScpdError as error:
             log.debug("%s: could not connect ahead of the first file: %s", self.target.name,
                       error)
+        except Exception:
+            # A bug must not kill the worker: the first file tries again, and says why.
+            log.exception("internal error connecting to %s ahead of the first file",
+                          self.target.name)
+            self.uploader.close()
         finally:
             self.is_connecting_ahead = False
 

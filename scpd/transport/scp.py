@@ -14,13 +14,17 @@ A batch, on the wire:
 
     D<dir>  N<temp>...  [R<stale temp>...]  G     then the scp stream: T, C, data, \\0 for
     each file (pipelined: the next file's records go out before the last file's ack is
-    read), E; then M<temp> P<final> for each file acknowledged whole, which the agent
-    answers with 0, or with the message of the failed mv and 1.
+    read), E. Then each file acknowledged whole is renamed into place: over an SFTP channel
+    of the same connection (posix-rename, pipelined) where the server has one; else, or
+    where SFTP refused, by the agent: M<temp> P<final>, answered with the token and 0, or
+    with what mv said and the token and 1.
 
 A file that changed while it was read is finished with a non-fatal \\x01 record instead of
 \\0: the sink keeps going, and its temporary copy is removed (R) instead of renamed. A session
 cut by the network, but still running on the remote, reads end of input: it removes the
-temporary files of its batch and ends, and never renames anything.
+temporary files of its batch and ends. Renames are asked for only once the whole batch is
+acknowledged; one that reached the remote before the cut is carried out, which costs at
+most a resend (the retry goes to a new temporary name).
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import paramiko
+from paramiko.sftp import SFTPError
 
 from scpd.errors import (
     FileChangedError,
@@ -66,10 +70,13 @@ _SLICE_BYTES = 32704  # the payload of one packet under OpenSSH's 32 KiB maximum
 _MAX_MESSAGE_LINES = 20
 _PLAIN_PATH = re.compile(rb"[A-Za-z0-9._/+,=@:-]*")
 
-# `set -f`: no globbing of unquoted words. $@ holds the temporary files of the batch, which
-# are removed when the session ends (published ones are gone by then): also when the sink
-# died with the connection (SIGPIPE), as only a missing scp (126, 127) ends it at once.
-_AGENT = r"""set -f; tok=TOKEN; made=
+# `set -f`: no globbing of unquoted words. $@ holds the temporary files of the current
+# batch, which are removed when the session ends (published ones are gone by then): also
+# when the sink died with the connection (SIGPIPE), as only a missing scp (126, 127) ends
+# the loop at once. A temporary file that cannot be renamed is removed at once. Statuses
+# of renames carry the token: mv's own words can never pass for one.
+_AGENT = r"""set -f; tok=TOKEN; nl='
+'
 while IFS= read -r op; do
   rest=${op#"$tok"}; [ "$rest" != "$op" ] || break
   a=${rest#?}
@@ -78,14 +85,12 @@ while IFS= read -r op; do
     D*) set --; dir=$a;;
     N*) set -- "$@" "$a";;
     R*) rm -f -- "$a";;
-    G*) if [ "$dir" != "$made" ]; then
-          e=$(mkdir -p -- "$dir" 2>&1) || { printf '\001%s\n' "$e" | head -n 1; break; }
-          made=$dir
-        fi
+    G*) e=$(mkdir -p -- "$dir" 2>&1) || { printf '\001%s\n' "${e%%"$nl"*}"; break; }
         scp FLAGS-t -d -- "$dir"; s=$?; case $s in 126|127) exit $s;; esac;;
     M*) t=$a;;
-    P*) if [ -d "$a" ]; then echo 'scpd: Is a directory'; echo 1
-        elif mv -f -- "$t" "$a" 2>&1; then echo 0; else echo 1; fi;;
+    P*) if [ -d "$a" ]; then echo 'scpd: Is a directory'; rm -f -- "$t"; echo "${tok}1"
+        elif mv -f -- "$t" "$a" 2>&1; then echo "${tok}0"
+        else rm -f -- "$t"; echo "${tok}1"; fi;;
     *) break;;
   esac
 done
@@ -99,8 +104,8 @@ class _Item:
 
     index: int
     upload: Upload
-    local: LocalFile
     temp: str
+    version: FileVersion | None = None  # what was read, once the file is open
     is_whole_at_remote: bool = False  # acknowledged whole under its temporary name
     outcome: FileVersion | ScpdError | None = None
 
@@ -125,12 +130,13 @@ class ScpUploader(Uploader):
         self._session_transport: paramiko.Transport | None = None
         self._renames_sftp: paramiko.SFTPClient | None = None
         self._renames_transport: paramiko.Transport | None = None
+        self._said_no_sftp = False
 
     def prepare(self) -> None:
         try:
             self._open_session()
             self._sftp_for_renames()
-        except (OSError, EOFError, paramiko.SSHException) as exc:
+        except (OSError, EOFError, paramiko.SSHException, SFTPError) as exc:
             self.close()
             raise classify(exc) from None
 
@@ -159,34 +165,22 @@ class ScpUploader(Uploader):
 
     def _upload_into(self, directory: str, uploads: Sequence[Upload], indices: range,
                      on_results: ResultCallback, note_temps: TempCallback | None) -> None:
-        with ExitStack() as open_files:
-            items = []
-            for index in indices:
-                upload = uploads[index]
-                try:
-                    local = open_files.enter_context(LocalFile(upload.local_path,
-                                                               upload.expected))
-                except ScpdError as error:
-                    on_results([(index, error)])
-                    continue
-                temp = posixpath.join(directory, temp_name(
-                    posixpath.basename(upload.remote_path), is_per_attempt=True))
-                items.append(_Item(index, upload, local, temp))
-            if not items:
-                return
-            try:
-                self._send_batch(directory, items, note_temps)
-            except (OSError, EOFError, paramiko.SSHException) as exc:
-                self.close()  # a half-dead connection is rebuilt, not reused
-                self._settle_rest(items, classify(exc))
-            except ScpdError as error:
-                # The session's state is unknown: end it (the remote cleans up after it).
-                self._end_session()
-                if isinstance(error, TransferInterrupted):
-                    self.connection.close()
-                self._settle_rest(items, error)
-            assert all(item.outcome is not None for item in items)
-            on_results([(item.index, item.outcome) for item in items])  # type: ignore[misc]
+        items = [_Item(index, uploads[index], posixpath.join(directory, temp_name(
+            posixpath.basename(uploads[index].remote_path), is_per_attempt=True)))
+            for index in indices]
+        try:
+            self._send_batch(directory, items, note_temps)
+        except (OSError, EOFError, paramiko.SSHException, SFTPError) as exc:
+            self.close()  # a half-dead connection is rebuilt, not reused
+            self._settle_rest(items, classify(exc))
+        except ScpdError as error:
+            # The session's state is unknown: end it (the remote cleans up after it).
+            self._end_session()
+            if isinstance(error, TransferInterrupted):
+                self.connection.close()
+            self._settle_rest(items, error)
+        assert all(item.outcome is not None for item in items)
+        on_results([(item.index, item.outcome) for item in items])  # type: ignore[misc]
 
     @staticmethod
     def _settle_rest(items: list[_Item], error: ScpdError) -> None:
@@ -224,42 +218,51 @@ class ScpUploader(Uploader):
         next file's records are on their way, so each file costs one round trip."""
         unacknowledged: _Item | None = None
         for item in items:
-            channel.sendall(self._records(item))
-            if unacknowledged is not None:
-                self._finish(channel, unacknowledged)
-            if self.target.preserve_times and (refusal := self._read_ack(channel)):
-                raise classify_remote_message(refusal)  # the sink gives up on a bad T
-            if (refusal := self._read_ack(channel)) is not None:
-                item.outcome = classify_remote_message(refusal)  # nothing was created
+            try:  # opened one at a time: a batch holds one local file open, not a hundred
+                local = LocalFile(item.upload.local_path, item.upload.expected)
+            except ScpdError as error:
+                item.outcome = error
                 continue
-            self._send_data(channel, item)
+            with local:
+                item.version = local.version
+                channel.sendall(self._records(local, item.temp))
+                if unacknowledged is not None:
+                    self._finish(channel, unacknowledged)
+                    unacknowledged = None
+                if self.target.preserve_times and \
+                        (refusal := self._read_ack(channel)) is not None:
+                    raise classify_remote_message(refusal)  # the sink gives up on a bad T
+                if (refusal := self._read_ack(channel)) is not None:
+                    item.outcome = classify_remote_message(refusal)  # nothing was created
+                    continue
+                self._send_data(channel, item, local)
             unacknowledged = item
         if unacknowledged is not None:
             self._finish(channel, unacknowledged)
 
-    def _records(self, item: _Item) -> bytes:
-        st, size = item.local.stat, item.local.version.size
+    def _records(self, local: LocalFile, temp: str) -> bytes:
+        st, size = local.stat, local.version.size
         mode = (st.st_mode & 0o7777) if self.target.preserve_mode else 0o644
         times = _time_record(st.st_mtime_ns, st.st_atime_ns) if self.target.preserve_times \
             else b""
         return times + f"C{mode:04o} {size} ".encode() + \
-            os.fsencode(posixpath.basename(item.temp)) + b"\n"
+            os.fsencode(posixpath.basename(temp)) + b"\n"
 
-    def _send_data(self, channel: paramiko.Channel, item: _Item) -> None:
+    def _send_data(self, channel: paramiko.Channel, item: _Item, local: LocalFile) -> None:
         """Exactly the announced size, then \\0, or \\x01 if what was read is not one version
         of the file (the sink then keeps the copy under its temporary name, which is
         removed)."""
         chunk, sent = self.throttle.chunk_bytes(_CHUNK_BYTES), 0
         try:
-            for data in item.local.read_chunks(chunk):
+            for data in local.read_chunks(chunk):
                 self.throttle.take(len(data))
                 self._send_slices(channel, data)
                 sent += len(data)
         except (FileChangedError, LocalReadError) as error:
             item.outcome = error
-            self._send_zeros(channel, item.local.version.size - sent)
-        if item.outcome is None and item.local.has_changed():
-            item.outcome = FileChangedError(f"{item.local.path} changed while it was sent")
+            self._send_zeros(channel, local.version.size - sent)
+        if item.outcome is None and local.has_changed():
+            item.outcome = FileChangedError(f"{local.path} changed while it was sent")
         channel.sendall(b"\x00" if item.outcome is None else b"\x01scpd: not sent whole\n")
 
     def _send_slices(self, channel: paramiko.Channel, data: bytes) -> None:
@@ -270,11 +273,14 @@ class ScpUploader(Uploader):
             self.progress_at = time.monotonic()
 
     def _send_zeros(self, channel: paramiko.Channel, count: int) -> None:
-        """The rest of a file that shrank: the sink waits for the announced size."""
-        zeros = bytes(min(count, _CHUNK_BYTES))
+        """The rest of a file that shrank: the sink waits for the announced size (under the
+        cap like any other byte)."""
+        zeros = bytes(min(count, self.throttle.chunk_bytes(_CHUNK_BYTES)))
         while count > 0:
-            self._send_slices(channel, zeros[:count])
-            count -= min(count, len(zeros))
+            piece = zeros[:count]
+            self.throttle.take(len(piece))
+            self._send_slices(channel, piece)
+            count -= len(piece)
 
     def _finish(self, channel: paramiko.Channel, item: _Item) -> None:
         refusal = self._read_ack(channel, is_last=True)
@@ -285,33 +291,41 @@ class ScpUploader(Uploader):
     def _publish(self, session: _Session, items: list[_Item]) -> None:
         """Rename each whole file into place, remove the rest. Renames go over SFTP where
         the server offers it: one request each, where mv costs the remote a process (which
-        measured 40 % of the time of a flood of small files)."""
+        measured 40 % of the time of a flood of small files). A rename SFTP refused is
+        tried by mv, which has the last word and says why."""
         whole = [item for item in items if item.is_whole_at_remote]
         sftp = self._sftp_for_renames() if whole else None
+        by_mv = whole
+        if sftp is not None:
+            refusals = rename_into_place(sftp, [(os.fsencode(item.temp),
+                                                 os.fsencode(item.upload.remote_path))
+                                                for item in whole])
+            self.progress_at = time.monotonic()
+            for item, refusal in zip(whole, refusals, strict=True):
+                if refusal is None:
+                    item.outcome = item.version
+            by_mv = [item for item in whole if item.outcome is None]
         requests = []
-        if sftp is None:
-            for item in whole:
-                requests += [session.request(b"M", item.temp),
-                             session.request(b"P", item.upload.remote_path)]
+        for item in by_mv:
+            requests += [session.request(b"M", item.temp),
+                         session.request(b"P", item.upload.remote_path)]
         requests += [session.request(b"R", item.temp) for item in items
                      if not item.is_whole_at_remote]
         if requests:
             session.channel.sendall(b"".join(requests))
-        if sftp is None:
-            for item in whole:
-                item.outcome = self._renamed_by_agent(session, item)
-            return
-        refusals = rename_into_place(sftp, [(os.fsencode(item.temp),
-                                             os.fsencode(item.upload.remote_path))
-                                            for item in whole])
-        self.progress_at = time.monotonic()
-        for item, refusal in zip(whole, refusals, strict=True):
-            item.outcome = item.local.version if refusal is None else refusal
+        for item in by_mv:
+            item.outcome = self._renamed_by_agent(session, item)
+        if sftp is not None and any(item.outcome is item.version for item in by_mv):
+            # e.g. sftp-server -P posix-rename, or a server without the extension
+            log.info("%s refuses renames over SFTP; files are renamed into place by mv",
+                     self.target.name)
+            self._renames_sftp = None  # for the rest of this connection
 
     def _renamed_by_agent(self, session: _Session, item: _Item) -> FileVersion | ScpdError:
-        message = self._read_status(session.channel)
+        message = self._read_status(session)
         if message is None:
-            return item.local.version
+            assert item.version is not None
+            return item.version
         return classify_remote_message(f"{message} (renaming into {item.upload.remote_path})")
 
     def _sftp_for_renames(self) -> paramiko.SFTPClient | None:
@@ -321,11 +335,13 @@ class ScpUploader(Uploader):
             self._renames_transport, self._renames_sftp = transport, None
             try:
                 self._renames_sftp = paramiko.SFTPClient.from_transport(transport)
-            except (EOFError, paramiko.SSHException, OSError):
+            except (EOFError, paramiko.SSHException, OSError, SFTPError):
                 if not transport.is_active():
                     raise
-                log.info("%s offers no SFTP: files are renamed into place by mv",
-                         self.target.name)
+                if not self._said_no_sftp:
+                    log.info("%s offers no SFTP: files are renamed into place by mv",
+                             self.target.name)
+                    self._said_no_sftp = True
             if self._renames_sftp is not None:
                 self._renames_sftp.get_channel().settimeout(self.target.io_timeout_seconds)
         sftp = self._renames_sftp
@@ -358,7 +374,8 @@ class ScpUploader(Uploader):
             session.channel.close()  # the agent reads end of input and removes its temps
 
     def _drain_stderr(self, channel: paramiko.Channel) -> None:
-        """The sink repeats refusals on stderr; unread, they would eat the channel window."""
+        """What the agent's commands print on stderr (mkdir, rm, a missing scp); unread,
+        it would eat the channel window."""
         while channel.recv_stderr_ready():
             channel.recv_stderr(65536)
 
@@ -404,15 +421,16 @@ class ScpUploader(Uploader):
         finally:
             channel.settimeout(self.target.io_timeout_seconds)
 
-    def _read_status(self, channel: paramiko.Channel) -> str | None:
+    def _read_status(self, session: _Session) -> str | None:
         """The agent's answer to a rename: None when done, else what mv said."""
         said: list[str] = []
-        while (line := _read_line(channel)) not in ("0", "1"):
-            if channel.eof_received or len(said) > _MAX_MESSAGE_LINES:
+        done, failed = (session.token + code for code in (b"0", b"1"))
+        while (line := _read_line(session.channel).encode()) not in (done, failed):
+            if session.channel.eof_received or len(said) > _MAX_MESSAGE_LINES:
                 raise TransferInterrupted("the remote session ended during the rename")
-            said.append(line)
+            said.append(line.decode())
         self.progress_at = time.monotonic()
-        return None if line == "0" else ("; ".join(said) or "rename failed")
+        return None if line == done else ("; ".join(said) or "rename failed")
 
     def _wait_exit(self, channel: paramiko.Channel) -> tuple[int | None, str]:
         if not channel.status_event.wait(self.target.io_timeout_seconds):

@@ -588,9 +588,9 @@ def truncate_to_zero(path: Path) -> None:
 
 @pytest.mark.parametrize(("change", "victim_at", "says"), [
     (overwrite_in_place, "in_flight", "changed while it was sent"),
-    (overwrite_in_place, "later_in_batch", "changed while it was sent"),
+    (overwrite_in_place, "later_in_batch", "changed since it was queued"),
     (truncate_to_a_quarter, "in_flight", "shrank while it was sent"),
-    (truncate_to_zero, "later_in_batch", "shrank while it was sent"),
+    (truncate_to_zero, "later_in_batch", "changed since it was queued"),
 ], ids=["changed-in_flight", "changed-later_in_batch", "shrunk-in_flight",
         "shrunk_to_zero-later_in_batch"])
 def test_a_file_changed_while_its_batch_is_sent_never_lands_mixed(
@@ -613,7 +613,8 @@ def test_a_file_changed_while_its_batch_is_sent_never_lands_mixed(
         order = batch_order(s, BATCH_FILES)
         # in flight: the third file, changed as soon as its temporary file appears (it is
         # read in small chunks over the next 0.6 s, paced by the cap). Later: the last one,
-        # changed when the first starts (the batch has it open already, none of it read).
+        # changed when the first starts (the batch opens a file only when its turn comes:
+        # the change is seen then, before any of it is sent).
         victim = order[2] if victim_at == "in_flight" else order[-1]
         watched = victim if victim_at == "in_flight" else order[0]
 
@@ -638,7 +639,7 @@ def test_a_file_changed_while_its_batch_is_sent_never_lands_mixed(
     log = daemon.log()
     assert returncode == 0, log
     assert f"{victim} {says}" in log, (
-        f"the change was not noticed mid-send (was the file in the batch being sent?)\n{log}")
+        f"the change was not noticed (was the file in the batch being sent?)\n{log}")
     assert seen[victim] == {new_digest}, "a version other than the final one was published"
     for name in names:
         if name != victim:
