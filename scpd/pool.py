@@ -351,8 +351,9 @@ class _Worker(threading.Thread):
                 self.pool.after_delivery(job.watch, job.rel_path, version)
 
     def _prepare(self) -> None:
-        """Log in before the first file, which then goes at once. A target that cannot be
-        reached now is not reported here: the first file to send finds out, and says so."""
+        """Log in before the first file, which then goes at once. A refused login pauses
+        the target now (and says so); an unreachable target is backed off quietly: the
+        first file to send finds out, and says so."""
         started = self.uploader.progress_at = time.monotonic()
         self.is_connecting_ahead = True
         try:
