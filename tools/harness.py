@@ -27,31 +27,38 @@ def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.02
 def scpd_config_text(sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path, watch_dir: Path,
                      state_dir: Path, *, port: int | None = None, target_extra: str = "",
                      watch_extra: str = "") -> str:
-    """One target `local` (the sshd, or `port` in front of it) and one watch `outbox`. Short
-    timeouts and a fast backoff (200 ms doubling to 1 s): faults resolve in seconds."""
+    """One target `local` (the sshd, or `port` in front of it) and one watch `outbox`."""
     return f"""
 [daemon]
 state_dir = "{state_dir}"
-
-[targets.local]
-host = "127.0.0.1"
-port = {port or sshd.port}
-user = "{sshd.user}"
-identity_file = "{sshd.client_key}"
-known_hosts = "{known_hosts}"
-remote_dir = "{remote_dir}"
-connect_timeout = "3s"
-io_timeout = "5s"
-retry_initial = "200ms"
-retry_max = "1s"
-{target_extra}
-
+{target_block("local", port or sshd.port, sshd.user, sshd.client_key, known_hosts, remote_dir,
+              extra=target_extra)}
 [[watch]]
 name = "outbox"
 path = "{watch_dir}"
 targets = ["local"]
 settle = "300ms"
 {watch_extra}
+"""
+
+
+def target_block(name: str, port: int, user: str, identity_file: Path, known_hosts: Path,
+                 remote_dir: Path, *, retry_max: str = "1s", extra: str = "") -> str:
+    """A target on 127.0.0.1 with short timeouts and a fast backoff (200 ms doubling to
+    retry_max): faults resolve in seconds."""
+    return f"""
+[targets.{name}]
+host = "127.0.0.1"
+port = {port}
+user = "{user}"
+identity_file = "{identity_file}"
+known_hosts = "{known_hosts}"
+remote_dir = "{remote_dir}"
+connect_timeout = "3s"
+io_timeout = "5s"
+retry_initial = "200ms"
+retry_max = "{retry_max}"
+{extra}
 """
 
 

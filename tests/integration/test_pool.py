@@ -19,6 +19,7 @@ import pytest
 from conftest import Setup, make_file, sha256, temp_files, wait_until, write_config
 
 from tools.faultproxy import FaultProxy
+from tools.harness import target_block
 from tools.sshd import ThrowawaySshd, free_port
 
 SENT_LINE = re.compile(r"\bsent (.+?) to \S+?:")  # "sent REL to TARGET:/remote/REL (...)"
@@ -108,24 +109,6 @@ def temps_gone(remote_dir: Path, seconds: float) -> list[Path]:
     """The temporary files still there after waiting up to `seconds` for none."""
     wait_until(lambda: not temp_files(remote_dir), seconds)
     return temp_files(remote_dir)
-
-
-def target_block(name: str, port: int, sshd: ThrowawaySshd, known_hosts: Path, remote: Path,
-                 extra: str = "") -> str:
-    return f"""
-[targets.{name}]
-host = "127.0.0.1"
-port = {port}
-user = "{sshd.user}"
-identity_file = "{sshd.client_key}"
-known_hosts = "{known_hosts}"
-remote_dir = "{remote}"
-connect_timeout = "3s"
-io_timeout = "5s"
-retry_initial = "200ms"
-retry_max = "1s"
-{extra}
-"""
 
 
 def multi_target_setup(tmp_path: Path, blocks: list[str], targets: list[str],
@@ -400,7 +383,8 @@ def test_a_target_cap_holds_for_all_its_connections_together(
 def test_a_daemon_cap_holds_for_all_targets_together(
         tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path):
     remotes = {name: tmp_path / "remote" / name for name in ("a", "b")}
-    blocks = [target_block(name, sshd.port, sshd, known_hosts, remote, "connections = 2")
+    blocks = [target_block(name, sshd.port, sshd.user, sshd.client_key, known_hosts, remote,
+                           extra="connections = 2")
               for name, remote in remotes.items()]
     s = multi_target_setup(tmp_path, blocks, list(remotes), 'bandwidth_limit = "2MB/s"')
     size, names = 2_000_000, ["d0/big.bin", "d1/big.bin"]
@@ -431,8 +415,10 @@ def test_a_daemon_cap_holds_for_all_targets_together(
 def test_a_dead_target_backs_off_while_the_live_one_delivers(
         tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path):
     remotes = {"live": tmp_path / "remote" / "live", "dead": tmp_path / "remote" / "dead"}
-    blocks = [target_block("live", sshd.port, sshd, known_hosts, remotes["live"]),
-              target_block("dead", free_port(), sshd, known_hosts, remotes["dead"])]
+    blocks = [target_block("live", sshd.port, sshd.user, sshd.client_key, known_hosts,
+                           remotes["live"]),
+              target_block("dead", free_port(), sshd.user, sshd.client_key, known_hosts,
+                           remotes["dead"])]
     s = multi_target_setup(tmp_path, blocks, ["live", "dead"])
     names = [f"d{d}/f-{i:02d}.txt" for d in range(2) for i in range(10)]
 

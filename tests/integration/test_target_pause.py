@@ -15,6 +15,7 @@ from pathlib import Path
 from conftest import Setup, wait_until
 
 from tools.faultproxy import FaultProxy
+from tools.harness import target_block
 from tools.sshd import ThrowawaySshd
 
 FILES = 6
@@ -28,23 +29,6 @@ def new_key(path: Path) -> Path:
     return path
 
 
-
-
-def target_block(name: str, port: int, user: str, key: Path, known_hosts: Path,
-                 remote: Path) -> str:
-    return f"""
-[targets.{name}]
-host = "127.0.0.1"
-port = {port}
-user = "{user}"
-identity_file = "{key}"
-known_hosts = "{known_hosts}"
-remote_dir = "{remote}"
-connect_timeout = "3s"
-io_timeout = "5s"
-retry_initial = "200ms"
-retry_max = "{PROBE}"
-"""
 
 
 def test_bad_host_key_and_bad_login_pause_their_targets_while_the_good_one_delivers(
@@ -67,11 +51,11 @@ def test_bad_host_key_and_bad_login_pause_their_targets_while_the_good_one_deliv
         config.write_text(
             f'[daemon]\nstate_dir = "{state_dir}"\n'
             + target_block("good", sshd.port, sshd.user, sshd.client_key, known_hosts,
-                           remotes["good"])
+                           remotes["good"], retry_max=PROBE)
             + target_block("badkey", to_badkey.port, sshd.user, sshd.client_key, badkey_hosts,
-                           remotes["badkey"])
+                           remotes["badkey"], retry_max=PROBE)
             + target_block("badauth", to_badauth.port, sshd.user, stranger, badauth_hosts,
-                           remotes["badauth"])
+                           remotes["badauth"], retry_max=PROBE)
             + f'\n[[watch]]\nname = "outbox"\npath = "{watch_dir}"\n'
               'targets = ["good", "badkey", "badauth"]\nsettle = "300ms"\n')
         s = Setup(config=config, watch_dir=watch_dir, remote_dir=remotes["good"],
