@@ -240,12 +240,18 @@ class Store:
                 return []
             batch = [_job(row)]
             if max_files > 1 and batch[0].version.size < max_bytes:
+                # Same directory: rel_path starts with it and has no "/" after it.
+                directory = posixpath.dirname(row[3])
+                prefix = directory + b"/" if directory else b""
                 candidates = db.execute(
                     f"""{_SELECT_JOB} WHERE target = ? AND state = 'pending'
                           AND next_attempt_at <= ? AND watch = ? AND id != ?
+                          AND substr(rel_path, 1, ?) = ?
+                          AND instr(substr(rel_path, ? + 1), X'2F') = 0
                         ORDER BY next_attempt_at, id LIMIT ?""",
-                    (target, now, batch[0].watch, batch[0].id, _CANDIDATES_PER_FILE * max_files))
-                batch += _same_directory(batch[0], map(_job, candidates), max_files, max_bytes)
+                    (target, now, batch[0].watch, batch[0].id, len(prefix), prefix,
+                     len(prefix), _CANDIDATES_PER_FILE * max_files))
+                batch += _within_limits(batch[0], map(_job, candidates), max_files, max_bytes)
             db.executemany("UPDATE jobs SET state = 'sending' WHERE id = ?",
                            [(job.id,) for job in batch])
         return batch
@@ -480,9 +486,9 @@ class Store:
 
 _SELECT_JOB = """SELECT id, watch, target, rel_path, size, mtime_ns, inode, generation, attempts,
                          first_failure_at, remote_temp FROM jobs"""
-# Due jobs looked at per place in a batch: enough to fill it when the due jobs of several
-# directories are interleaved, bounded so that claiming stays cheap with a long queue.
-_CANDIDATES_PER_FILE = 4
+# Due jobs of the directory looked at per place in a batch: those too big to fit are
+# passed over for smaller ones behind them.
+_CANDIDATES_PER_FILE = 2
 
 
 def _job(row: tuple) -> Job:
@@ -492,15 +498,14 @@ def _job(row: tuple) -> Job:
                remote_temp=None if row[10] is None else os.fsdecode(row[10]))
 
 
-def _same_directory(first: Job, candidates: Iterable[Job], max_files: int, max_bytes: int
-                    ) -> list[Job]:
-    """The candidates that go in first's batch: same directory, within the limits."""
-    directory, total, chosen = posixpath.dirname(first.rel_path), first.version.size, []
+def _within_limits(first: Job, candidates: Iterable[Job], max_files: int, max_bytes: int
+                   ) -> list[Job]:
+    """The candidates that join first's batch: as many as fit in the limits, in order."""
+    total, chosen = first.version.size, []
     for job in candidates:
         if len(chosen) + 1 >= max_files:
             break
-        if posixpath.dirname(job.rel_path) == directory and \
-                total + job.version.size <= max_bytes:
+        if total + job.version.size <= max_bytes:
             chosen.append(job)
             total += job.version.size
     return chosen

@@ -509,3 +509,46 @@ def test_store_enqueue_many_answers_per_item_in_one_go(store: Store) -> None:
     assert queued == [False, True, True]
     assert states(store)["pending"] == 2
     assert states(store, "loghost")["pending"] == 1
+
+
+# -- batches ----------------------------------------------------------------------------------
+
+
+def enqueue_files(store: Store, rel_paths: list[str], size: int = 100) -> None:
+    for i, rel in enumerate(rel_paths):
+        store.enqueue("reports", "offsite", rel, FileVersion(size, 1_000 + i, 50 + i),
+                      now=T0 + i * 0.001)
+
+
+def test_a_batch_takes_due_jobs_of_one_directory_only_however_interleaved(store: Store):
+    # Written round-robin into three directories and the root, as a busy writer does.
+    names = [f"{d}f{i:03d}" for i in range(40) for d in ("a/", "b/", "a/b/", "")]
+    enqueue_files(store, names)
+
+    first = store.claim_batch("offsite", WATCHES, max_files=25, max_bytes=10**6, now=T0 + 1)
+    second = store.claim_batch("offsite", WATCHES, max_files=25, max_bytes=10**6, now=T0 + 1)
+    nested = store.claim_batch("offsite", WATCHES, max_files=100, max_bytes=10**6, now=T0 + 1)
+
+    assert [j.rel_path for j in first] == [f"a/f{i:03d}" for i in range(25)]
+    assert [j.rel_path for j in second] == [f"b/f{i:03d}" for i in range(25)]
+    assert sorted(j.rel_path for j in nested) == [f"a/b/f{i:03d}" for i in range(40)]
+    assert states(store)["sending"] == 90
+
+
+def test_a_batch_stays_within_its_bytes_and_passes_over_what_does_not_fit(store: Store):
+    enqueue_files(store, ["x/small0", "x/big"], size=600)
+    enqueue_files(store, ["x/small1", "x/small2"], size=300)
+
+    batch = store.claim_batch("offsite", WATCHES, max_files=10, max_bytes=1000, now=T0 + 1)
+
+    assert [j.rel_path for j in batch] == ["x/small0", "x/small1"]
+    assert store.claim_batch("offsite", WATCHES, max_files=1, max_bytes=0, now=T0 + 1)[0] \
+        .rel_path == "x/big"
+
+
+def test_a_batch_of_the_root_takes_no_file_of_a_subdirectory(store: Store):
+    enqueue_files(store, ["top1", "sub/inner", "top2", "subway"])
+
+    batch = store.claim_batch("offsite", WATCHES, max_files=10, max_bytes=10**6, now=T0 + 1)
+
+    assert [j.rel_path for j in batch] == ["top1", "top2", "subway"]
