@@ -8,6 +8,13 @@ import sys
 
 log = logging.getLogger("scpd")
 
+# Stable journal message IDs, so that operators can ask for exactly these events:
+# journalctl MESSAGE_ID=<id>. Never change them: scripts and alerts depend on them.
+MESSAGE_IDS = {
+    "sent": "3b5858a5fe5f416c8958130dc8c7ec7c",    # a file delivered to a target
+    "failed": "86f271290943418982e2d62a2c3c9dce",  # a delivery failed for good
+}
+
 
 class _StderrFormatter(logging.Formatter):
     def __init__(self) -> None:
@@ -73,6 +80,8 @@ def event(level: int, name: str, message: str, *args: object, **fields: object) 
     if not logger.isEnabledFor(level):
         return  # a scan may queue 100,000 files: skip building fields nobody reads
     extra = {"SCPD_EVENT": name}
+    if name in MESSAGE_IDS:
+        extra["MESSAGE_ID"] = MESSAGE_IDS[name]
     for key, value in fields.items():
         if value is not None:
             extra[f"SCPD_{key.upper()}"] = value

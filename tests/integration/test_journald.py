@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import Setup, require_private_mount_namespace, write_config
 
+from scpd.logs import MESSAGE_IDS
 from tools.sshd import ThrowawaySshd
 
 JOURNALD = Path("/lib/systemd/systemd-journald")
@@ -145,7 +146,27 @@ def test_sent_file_is_logged_to_journald_with_its_fields(tmp_path: Path, setup: 
     assert entry["SCPD_REMOTE_PATH"] == f"{setup.remote_dir}/{name}"
     assert entry["SCPD_BYTES"] == str(len(data))
     assert int(entry["SCPD_DURATION_MS"]) >= 0
+    assert entry["MESSAGE_ID"] == MESSAGE_IDS["sent"]
+    assert "MESSAGE_ID" not in queued[0]
     assert name in entry["MESSAGE"]
+
+
+def test_a_delivery_failed_for_good_is_an_error_with_its_message_id(
+        tmp_path: Path, setup: Setup) -> None:
+    (setup.remote_dir / "in-the-way").mkdir()  # a directory where the file must go
+    (setup.watch_dir / "in-the-way").write_bytes(b"x\n")
+
+    run = _run_scpd_with_private_journald(tmp_path, setup, "--timeout", "10s")
+
+    assert run.returncode == 1, run.stderr
+    failed = run.events("failed")
+    assert len(failed) == 1, run.entries
+    entry = failed[0]
+    assert entry["PRIORITY"] == "3"
+    assert entry["MESSAGE_ID"] == MESSAGE_IDS["failed"]
+    assert entry["SCPD_TARGET"] == "local"
+    assert entry["SCPD_PATH"] == str(setup.watch_dir / "in-the-way")
+    assert "Is a directory" in entry["SCPD_ERROR"]
 
 
 def test_refused_connection_is_logged_to_journald_as_a_retry_warning(
