@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import sqlite3
@@ -31,8 +32,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scpd", description="Push every new or changed file in watched"
                      " directories to SSH hosts, durably.")
     parser.add_argument("--version", action="version", version=f"scpd {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging, and tracebacks for internal errors")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="debug logging, and tracebacks for internal errors"
+                               " (over the config's log_level)")
+    loudness.add_argument("-q", "--quiet", action="store_true",
+                          help="warnings and errors only (over the config's log_level)")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -65,7 +70,7 @@ def _duration_arg(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logs.setup(verbose=args.verbose)
+    logs.setup(_flag_level(args) or "info")
     handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
     try:
         return handler(args)
@@ -92,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         return EX_SOFTWARE
 
 
+def _flag_level(args: argparse.Namespace) -> str | None:
+    """The log level the command line asks for, if any: it wins over the config's."""
+    return "debug" if args.verbose else "warning" if args.quiet else None
+
+
 def _say(message: str) -> None:
     print(f"scpd: {message}", file=sys.stderr)
 
@@ -107,7 +117,8 @@ def _run(args: argparse.Namespace) -> int:
     from scpd.daemon import Daemon  # the daemon's imports are not needed by check or status
 
     cfg = _load(args)
-    daemon = _open_daemon(cfg, Daemon)
+    logs.setup(_flag_level(args) or cfg.log_level, cfg.log_target)
+    daemon = _open_daemon(cfg, functools.partial(Daemon, log_level_override=_flag_level(args)))
     if args.once:
         return daemon.run_once(args.timeout)
     return daemon.run_forever()

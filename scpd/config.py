@@ -105,9 +105,14 @@ class Config:
     targets: dict[str, Target]
     watches: tuple[Watch, ...]
     rate_bytes_per_second: float | None = None
+    log_level: str = "info"  # debug | info | warning | error
+    log_target: str = "auto"  # auto (journald under systemd, else stderr) | journal | stderr
 
     def watch(self, name: str) -> Watch:
         return next(w for w in self.watches if w.name == name)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def default_config_path() -> str:
@@ -210,12 +215,16 @@ class _Reader:
 
     def config(self, path: Path, raw: dict[str, Any]) -> Config:
         top = self.table(raw, "", {"daemon", "targets", "watch"})
-        daemon = self.table(top.get("daemon", {}), "daemon", {"state_dir", "bandwidth_limit"})
+        daemon = self.table(top.get("daemon", {}), "daemon",
+                            {"state_dir", "bandwidth_limit", "log_level", "log_target"})
         default_state = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR
         state_dir = Path(self.get(daemon, "state_dir", "daemon", str, default_state))
         if not state_dir.is_absolute():
             self.fail("daemon.state_dir", f'must be an absolute path, got "{state_dir}"')
         rate = self.parsed(daemon, "bandwidth_limit", "daemon", parse_rate)
+        log_level = self.choice(daemon, "log_level", "daemon", LOG_LEVELS, "info")
+        log_target = self.choice(daemon, "log_target", "daemon", ("auto", "journal", "stderr"),
+                                 "auto")
         raw_targets = top.get("targets", {})
         names = set(raw_targets) if isinstance(raw_targets, dict) else set()
         targets_raw = self.table(raw_targets, "targets", names)
@@ -230,7 +239,7 @@ class _Reader:
         self.check_unique_watch_names(watches)
         self.check_overlaps(watches)
         return Config(path=path, state_dir=state_dir, targets=targets, watches=watches,
-                      rate_bytes_per_second=rate)
+                      rate_bytes_per_second=rate, log_level=log_level, log_target=log_target)
 
     def target(self, name: str, raw: Any) -> Target:
         kp = f"targets.{name}"

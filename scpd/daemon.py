@@ -41,8 +41,10 @@ class _Flags:
 
 
 class Daemon:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, *, log_level_override: str | None = None):
+        """log_level_override: the command line's -v or -q, which a reload keeps."""
         self.config = config
+        self._log_level_override = log_level_override
         self._lock_fd = lock_state_dir(config.state_dir)
         self.store = Store.open(config.state_dir)
         self.credentials = _load_all_credentials(config)
@@ -250,6 +252,7 @@ class Daemon:
         self._stop_watching()
         self.pool.stop(_STOP_GRACE_SECONDS)
         self.config, self.credentials = new_config, credentials
+        logs.setup(self._log_level_override or new_config.log_level, new_config.log_target)
         self.settler = Settler()
         self.scanner = Scanner(self.store, self.settler, self._queue_found)
         self.pool = Pool(new_config, self.store, credentials, self._renote)

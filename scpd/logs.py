@@ -21,21 +21,22 @@ class _StderrFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
 
 
-def setup(*, verbose: bool = False) -> None:
-    """Route scpd's records. Under systemd (JOURNAL_STREAM set) they go to journald with
-    structured fields; a journald that is not there would drop them silently, so the journal
-    is used only when systemd says stderr is connected to it."""
+def setup(level: str = "info", target: str = "auto") -> None:
+    """Route scpd's records at `level` (debug, info, warning, error). target "auto": to
+    journald with structured fields under systemd, else plain lines on stderr. Under systemd
+    means JOURNAL_STREAM is set: a journald that is not there would drop records silently,
+    so the journal is used only when systemd says stderr is connected to it."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    if os.environ.get("JOURNAL_STREAM"):
+    if target == "journal" or (target == "auto" and os.environ.get("JOURNAL_STREAM")):
         handler: logging.Handler = _journal_handler()
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_StderrFormatter())
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(getattr(logging, level.upper()))
     # paramiko logs every failed handshake with a traceback; scpd logs its own sorted error.
     logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
 

@@ -264,3 +264,41 @@ def test_retry_of_a_path_outside_every_watch_is_a_usage_error(setup: Setup):
 
     assert result.returncode == 64
     assert_one_line_errors(result.stderr, "/etc/passwd is not under any watched directory")
+
+
+def test_log_level_comes_from_the_config_and_the_command_line_wins(setup: Setup):
+    edit(setup, "[daemon]", '[daemon]\nlog_level = "warning"')
+    (setup.watch_dir / "a.txt").write_text("a\n")
+    (setup.watch_dir / "b.txt").write_text("b\n")
+
+    quiet = setup.scpd("run", "--once")
+    (setup.watch_dir / "b.txt").write_text("b, again\n")
+    loud = setup.scpd("-v", "run", "--once")
+
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert quiet.stderr == "", quiet.stderr  # info lines (queued, sent) are below warning
+    assert "sent b.txt" in loud.stderr, loud.stderr
+
+
+def test_quiet_flag_keeps_warnings_only(setup: Setup):
+    (setup.watch_dir / "a.txt").write_text("a\n")
+
+    result = setup.scpd("-q", "run", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert (setup.remote_dir / "a.txt").read_text() == "a\n"
+
+
+def test_log_target_stderr_keeps_lines_on_stderr_even_under_systemd(setup: Setup):
+    (setup.watch_dir / "a.txt").write_text("a\n")
+    under_systemd = {"JOURNAL_STREAM": "0:0"}
+
+    to_journal = setup.scpd("run", "--once", env=under_systemd)
+    (setup.watch_dir / "a.txt").write_text("a, again\n")
+    edit(setup, "[daemon]", '[daemon]\nlog_target = "stderr"')
+    to_stderr = setup.scpd("run", "--once", env=under_systemd)
+
+    assert to_journal.returncode == 0 and to_stderr.returncode == 0
+    assert "sent a.txt" not in to_journal.stderr  # went to journald (absent here: dropped)
+    assert "sent a.txt" in to_stderr.stderr

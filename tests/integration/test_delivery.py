@@ -326,3 +326,20 @@ def test_sighup_with_a_broken_config_keeps_the_running_one(setup: Setup):
         assert_landed(local, remote)
     finally:
         assert daemon.stop() == 0, daemon.log()
+
+
+def test_sighup_applies_a_new_log_level(setup: Setup):
+    quiet = setup.config.read_text().replace("[daemon]", '[daemon]\nlog_level = "warning"')
+    setup.config.write_text(quiet)
+    daemon = setup.start_daemon()
+    try:
+        make_file(setup.watch_dir / "before.txt", 10)
+        assert wait_until((setup.remote_dir / "before.txt").exists, 10), daemon.log()
+        setup.config.write_text(quiet.replace('log_level = "warning"', 'log_level = "info"'))
+        daemon.process.send_signal(signal.SIGHUP)
+        assert daemon.wait_for_log("config reloaded", 10), daemon.log()
+        make_file(setup.watch_dir / "after.txt", 10)
+        assert daemon.wait_for_log("sent after.txt", 10), daemon.log()
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert "before.txt" not in daemon.log()  # its info lines were below the level then

@@ -584,3 +584,23 @@ def test_config_reports_every_problem_in_a_file_together(cfg: ConfigFiles) -> No
     # The exception's own text carries every problem, for callers that print only it.
     for error in info.value.errors:
         assert str(error) in str(info.value)
+
+
+def test_config_reads_log_level_and_target_with_defaults(cfg: ConfigFiles) -> None:
+    assert (cfg.load().log_level, cfg.load().log_target) == ("info", "auto")
+    cfg.raw.setdefault("daemon", {}).update(log_level="warning", log_target="stderr")
+
+    loaded = cfg.load()
+
+    assert (loaded.log_level, loaded.log_target) == ("warning", "stderr")
+
+
+@pytest.mark.parametrize(("key", "value", "problem"), [
+    ("log_level", "loud", 'expected one of debug, info, warning, error, got "loud"'),
+    ("log_target", "syslog", 'expected one of auto, journal, stderr, got "syslog"'),
+])
+def test_config_rejects_an_unknown_log_level_or_target(cfg: ConfigFiles, key: str, value: str,
+                                                       problem: str) -> None:
+    cfg.raw.setdefault("daemon", {})[key] = value
+
+    assert cfg.error(f"daemon.{key}").problem == problem
