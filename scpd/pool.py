@@ -433,14 +433,14 @@ class _Worker(threading.Thread):
         return done
 
     def _record_successes(self, jobs: list[Job], versions: list[FileVersion],
-                          fields: list[dict], started_at: float
-                          ) -> list[tuple[Job, FileVersion]]:
+                          fields: list[dict], since: float) -> list[tuple[Job, FileVersion]]:
         """Record what landed, in one transaction; the (job, version) of the jobs now done
-        (not those whose newer version was queued meanwhile)."""
+        (not those whose newer version was queued meanwhile). since: when their transfer
+        began (the batch, or the file before them)."""
         if not jobs:
             return []
         pool, target = self.pool, self.target
-        duration_ms = int((time.monotonic() - started_at) * 1000)
+        duration_ms = int((time.monotonic() - since) * 1000)
         pool.target_up(target)
         is_done = pool.store.mark_delivered_many(list(zip(jobs, versions, strict=True)))
         done = []
