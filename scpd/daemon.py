@@ -25,6 +25,8 @@ _TICK_SECONDS = 0.1
 _ROOT_CHECK_SECONDS = 1.0  # how soon a watch root that appears, or is replaced, is watched
 _QUEUED_LINES_AT_INFO = 100  # per batch of ready files
 _CANARY_DIR = "watch-canary"
+_STATUS_SECONDS = 1.0  # STATUS= at most this often, and only when it changed
+_STATUS_NAME_CHARS = 40
 _STOP_GRACE_SECONDS = 5.0  # in-flight uploads may finish; the unit allows 10 s in all
 
 EXIT_OK = 0
@@ -56,7 +58,7 @@ class Daemon:
         self._next_rescan_at: dict[str, float] = {}
         self.flags = _Flags()
         self._workers_ended = True
-        self._rate_sample = (time.monotonic(), 0)  # (when, pool.bytes_sent) for the rate
+        self._rate_sample = (time.monotonic(), 0)  # (when, pool.bytes_on_wire()): the rate
 
     # -- the two ways to run ------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class Daemon:
     def _main_loop(self) -> None:
         ping_every = sdnotify.watchdog_interval_seconds()
         next_ping = next_status = next_root_check = 0.0
+        last_status = ""
         while not self.flags.stop_requests:
             self._enqueue_ready()
             self.pool.cut_stalled()
@@ -142,8 +145,10 @@ class Daemon:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = now + ping_every
             if now >= next_status:
-                sdnotify.notify(f"STATUS={self._status_line()}")
-                next_status = now + 1.0
+                if (status := self._status_line()) != last_status:
+                    sdnotify.notify(f"STATUS={status}")
+                    last_status = status
+                next_status = now + _STATUS_SECONDS
             self.settler.wait_for_closed(_TICK_SECONDS)
 
     def _enqueue_ready(self) -> None:
@@ -287,17 +292,16 @@ class Daemon:
 
     def _status_line(self) -> str:
         counts = self.store.counts(self._watch_names())
-        pending = sum(c[JobState.PENDING] for c in counts.values())
-        failed = sum(c[JobState.FAILED] for c in counts.values())
-        now, sent = time.monotonic(), self.pool.bytes_sent
+        now, sent = time.monotonic(), self.pool.bytes_on_wire()
         last_at, last_sent = self._rate_sample
-        rate = (sent - last_sent) / (now - last_at) if now > last_at else 0.0
         self._rate_sample = (now, sent)
-        line = (f"watching {len(self.config.watches)} dir(s); {pending} queued, "
-                f"{self.pool.sending_count()} sending, {rate / 1e6:.1f} MB/s")
-        paused = len(self.pool.paused_targets())
-        return (line + (f", {failed} failed" if failed else "")
-                + (f", {paused} target(s) paused" if paused else ""))
+        return status_line(
+            queued=sum(c[JobState.PENDING] for c in counts.values()),
+            sending=self.pool.sending_count(),
+            on_wire=self.pool.files_on_wire(),
+            bytes_per_second=(sent - last_sent) / (now - last_at) if now > last_at else 0.0,
+            failed=sum(c[JobState.FAILED] for c in counts.values()),
+            paused=len(self.pool.paused_targets()))
 
     def _is_healthy(self) -> bool:
         return (self.pool.is_healthy()
@@ -316,6 +320,39 @@ class Daemon:
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGHUP, on_hup)
+
+
+def status_line(*, queued: int, sending: int, on_wire: list[tuple[str, int, int]],
+                bytes_per_second: float, failed: int, paused: int) -> str:
+    """What `systemctl status` shows, e.g.
+    "12 queued, 1 sending report.pdf 41% 9.8 MB/s, 0 failed".
+    on_wire: (path, bytes sent, size) of the files going out now; the one with most still to
+    send is named (with several connections busy, that is the one an operator waits for)."""
+    current = ""
+    if on_wire:
+        path, done, size = max(on_wire, key=lambda f: f[2] - f[1])
+        percent = 100 * done // size if size else 100
+        current = f" {_printable_name(os.path.basename(path))} {percent}%"
+    line = f"{queued} queued, {sending} sending{current} {_human_rate(bytes_per_second)}, " \
+        f"{failed} failed"
+    return line + (f", {paused} target(s) paused" if paused else "")
+
+
+def _printable_name(name: str) -> str:
+    """A file name fit for one STATUS= line: a newline in it would start another
+    notification field (a file named "x\nSTOPPING=1" must not stop the service), and
+    undecodable bytes could not be encoded. Long names keep both ends."""
+    name = "".join(c if c.isprintable() else "?" for c in name)
+    if len(name) > _STATUS_NAME_CHARS:
+        keep = (_STATUS_NAME_CHARS - 3) // 2
+        name = f"{name[:keep]}...{name[-keep:]}"
+    return name
+
+
+def _human_rate(bytes_per_second: float) -> str:
+    if bytes_per_second < 100e3:  # a tight cap would read "0.0 MB/s"
+        return f"{bytes_per_second / 1e3:.1f} kB/s"
+    return f"{bytes_per_second / 1e6:.1f} MB/s"
 
 
 def _load_all_credentials(config: Config) -> dict[str, Credentials]:

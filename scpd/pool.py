@@ -70,8 +70,6 @@ class Pool:
                 uploader = open_uploader(target, credentials[target.name],
                                          Throttle(own + shared))
                 self._workers.append(_Worker(self, target, uploader, index))
-        self.bytes_sent = 0
-        self._bytes_lock = threading.Lock()
         self._gates = {name: _TargetGate() for name in config.targets}
         self._pause_lock = threading.Lock()  # a pause in the gate and in the store, as one
         # A new pool (start, reload) tries every target afresh: the operator may have fixed it.
@@ -177,9 +175,15 @@ class Pool:
         """Files in flight: the batches workers hold now."""
         return sum(len(worker.jobs) for worker in self._workers)
 
-    def count_bytes(self, n: int) -> None:
-        with self._bytes_lock:
-            self.bytes_sent += n
+    def bytes_on_wire(self) -> int:
+        """Bytes of file content sent so far, delivered or not (for the rate)."""
+        return sum(worker.uploader.throttle.bytes_taken for worker in self._workers)
+
+    def files_on_wire(self) -> list[tuple[str, int, int]]:
+        """(local path, bytes read so far, size) of each file whose bytes are going out now:
+        one per busy connection."""
+        return [(local.path, local.bytes_read, local.version.size) for worker in self._workers
+                if (local := worker.uploader.sending) is not None]
 
     def stop(self, grace_seconds: float = 5.0,
              should_abort: Callable[[], bool] = lambda: False) -> bool:
@@ -446,7 +450,6 @@ class _Worker(threading.Thread):
         done = []
         for job, version, its_fields, job_is_done in zip(jobs, versions, fields, is_done,
                                                          strict=True):
-            pool.count_bytes(version.size)
             logs.event(logging.INFO, "sent", "sent %s to %s:%s (%s in %d ms)", job.rel_path,
                        target.name, its_fields["remote_path"], _human_bytes(version.size),
                        duration_ms, bytes=version.size, duration_ms=duration_ms, **its_fields)

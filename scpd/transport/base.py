@@ -9,6 +9,7 @@ import secrets
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from scpd.fileversion import FileVersion
 
 if TYPE_CHECKING:
     from scpd.transport.ssh import SshConnection
+    from scpd.transport.throttle import Throttle
 
 _NAME_MAX_BYTES = 255
 # A conflicting lease (Samba oplocks, knfsd), or out of file descriptors: try again later.
@@ -61,6 +63,10 @@ class Uploader(ABC):
     progress_at: float = 0.0
     #: Each uploader has its own connection.
     connection: SshConnection
+    #: The caps it draws from; it also counts the bytes that went out.
+    throttle: Throttle
+    #: The local file whose bytes are going out now (the status line names it).
+    sending: LocalFile | None = None
 
     @property
     def connected_at(self) -> float:
@@ -106,6 +112,16 @@ class Uploader(ABC):
         """Open now what the next upload needs (connection, session), so that the first file
         does not wait for a login. Raises the scpd error family."""
         self.connection.transport()
+
+    @contextmanager
+    def sending_file(self, local: LocalFile) -> Iterator[LocalFile]:
+        """Send from `local` (closed afterwards), shown as the file in progress meanwhile."""
+        with local:
+            self.sending = local
+            try:
+                yield local
+            finally:
+                self.sending = None
 
     @abstractmethod
     def close(self) -> None:
@@ -158,6 +174,7 @@ class LocalFile:
                 raise LocalBusyError(f"cannot open {self.path} now: {exc.strerror}") from None
             raise LocalReadError(f"cannot read {self.path}: {exc.strerror}") from None
         self.stat = os.fstat(self.fd)
+        self.bytes_read = 0  # how far the transfer has got: the status line's percent
         if not stat.S_ISREG(self.stat.st_mode):
             os.close(self.fd)
             raise LocalReadError(f"{self.path} is not a regular file; not sent")
@@ -185,6 +202,7 @@ class LocalFile:
             if not data:
                 raise FileChangedError(f"{self.path} shrank while it was sent")
             remaining -= len(data)
+            self.bytes_read += len(data)
             yield data
 
     def has_changed(self) -> bool:

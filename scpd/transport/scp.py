@@ -223,7 +223,7 @@ class ScpUploader(Uploader):
             except ScpdError as error:
                 item.outcome = error
                 continue
-            with local:
+            with self.sending_file(local):
                 item.version = local.version
                 channel.sendall(self._records(local, item.temp))
                 if unacknowledged is not None:

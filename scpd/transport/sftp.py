@@ -51,7 +51,7 @@ class SftpUploader(Uploader):
                     ) -> FileVersion:
         self.progress_at = time.monotonic()
         remote_path, stale_temp_path = item.remote_path, item.stale_temp_path
-        with LocalFile(item.local_path, item.expected) as local:
+        with self.sending_file(LocalFile(item.local_path, item.expected)) as local:
             sftp = self.client()
             tmp_text = posixpath.join(posixpath.dirname(remote_path), temp_name(
                 posixpath.basename(remote_path), is_per_attempt=False))

@@ -43,6 +43,9 @@ class Throttle:
 
     def __init__(self, buckets: Sequence[TokenBucket]):
         self.buckets = tuple(buckets)
+        # Bytes let through so far (the status line's rate). One uploader's throttle is
+        # taken from by its one worker thread only, so a plain int is enough.
+        self.bytes_taken = 0
 
     def chunk_bytes(self, preferred: int) -> int:
         """Reads no larger than half a bucket's burst keep bursts within the cap's promise
@@ -53,3 +56,4 @@ class Throttle:
     def take(self, nbytes: int) -> None:
         for bucket in self.buckets:
             bucket.take(nbytes)
+        self.bytes_taken += nbytes

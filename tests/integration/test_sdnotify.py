@@ -18,9 +18,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, Setup
+from conftest import DaemonProcess, Setup, make_file, write_config
+
+from tools.sshd import ThrowawaySshd
 
 START_SECONDS = 20.0  # imports and the first scan; READY=1 usually comes in well under 2 s
 WATCHDOG_USEC = 1_000_000  # so a ping is due every 0.5 s
@@ -130,11 +134,38 @@ def test_daemon_sends_ready_with_status_then_watchdog_pings(
 
     assert status.received_at - ready.received_at <= 1.0
     # DESIGN 5: the status line says what is queued, what is sending, and the rate.
-    assert re.fullmatch(r"watching 1 dir\(s\); \d+ queued, \d+ sending, [\d.]+ MB/s",
+    assert re.fullmatch(r"\d+ queued, \d+ sending [\d.]+ [kM]B/s, \d+ failed",
                         status.fields["STATUS"]), status.fields["STATUS"]
     pings = [n for n in later if has("WATCHDOG", "1")(n)]
     assert len(pings) >= 2, [n.fields for n in later]
     assert_all_from(daemon, listener)
+
+
+def test_status_names_the_file_in_progress_its_percent_and_the_rate(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path,
+        listener: NotifyListener) -> None:
+    # A 3 MB file under a 1 MB/s cap takes three seconds: long enough for several updates.
+    setup = write_config(tmp_path, sshd, known_hosts, remote_dir,
+                         target_extra='bandwidth_limit = "1MB/s"')
+    with running_daemon(setup, listener):
+        make_file(setup.watch_dir / "report.pdf", 3_000_000)
+        # Received as sent (not queued up meanwhile), so that their spacing can be checked.
+        deadline = time.monotonic() + 15
+        while not (remote_dir / "report.pdf").exists() and time.monotonic() < deadline:
+            listener.collect(0.1)
+        assert (remote_dir / "report.pdf").exists(), "report.pdf did not land within 15 s"
+        listener.collect(1.5)  # the line after the transfer
+
+    lines = [n.fields["STATUS"] for n in listener.received if "STATUS" in n.fields]
+    progress = [re.fullmatch(r"0 queued, 1 sending report\.pdf (\d+)% ([\d.]+) MB/s, 0 failed",
+                             line) for line in lines]
+    percents = [int(match[1]) for match in progress if match]
+    assert len(percents) >= 2 and percents == sorted(percents), lines
+    rates = [float(match[2]) for match in progress if match and int(match[1]) > 0]
+    assert rates and all(0.5 <= rate <= 1.3 for rate in rates[1:]), lines  # after the first
+    assert re.fullmatch(r"0 queued, 0 sending [\d.]+ [kM]B/s, 0 failed", lines[-1]), lines
+    updates = [n.received_at for n in listener.received if "STATUS" in n.fields]
+    assert all(b - a >= 0.9 for a, b in pairwise(updates[1:])), updates  # at most 1/s
 
 
 def test_daemon_sends_reloading_then_ready_on_sighup_and_keeps_pinging(
