@@ -20,6 +20,12 @@ class _StderrFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: a file named "x\n12:00:00 INFO sent ..." must not forge a
+        # line of its own. (A traceback is added after this, on lines of its own.)
+        record.message = _printable(record.message)
+        return super().formatMessage(record)
+
 
 def setup(level: str = "info", target: str = "auto") -> None:
     """Route scpd's records at `level` (debug, info, warning, error). target "auto": to
@@ -68,8 +74,16 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+# Control characters as escapes: \n, \r, \t, \x1b (no terminal escape sequences either).
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {
+    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
 def _printable(text: str) -> str:
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A message as one line of valid UTF-8: bytes that are not UTF-8 (file names) and
+    control characters show as backslash escapes."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.translate(_CONTROL_ESCAPES)
 
 
 def event(level: int, name: str, message: str, *args: object, **fields: object) -> None:
