@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shlex
 import socket
 import struct
 import termios
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
@@ -39,7 +40,7 @@ _known_hosts_lock = threading.Lock()
 @dataclass(frozen=True)
 class Credentials:
     pkey: paramiko.PKey | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log or traceback
 
 
 def load_credentials(target: Target) -> Credentials:
@@ -74,29 +75,84 @@ def load_credentials(target: Target) -> Credentials:
     return Credentials(password=password)
 
 
+class _RefuseUnknownPolicy(paramiko.MissingHostKeyPolicy):
+    """host_key_policy = "strict": an unknown host is refused, and the message says how to
+    add its key (with the fingerprint it offered, to check out of band)."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def missing_host_key(self, client, hostname, key):
+        raise unknown_host_key_error(self.target, hostname, key)
+
+
 class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
     """Like OpenSSH's StrictHostKeyChecking=accept-new: remember the first key seen.
 
     A changed key is still refused: paramiko raises BadHostKeyException before asking us.
     """
 
-    def __init__(self, known_hosts: Path):
-        self.known_hosts = known_hosts
+    def __init__(self, target: Target):
+        self.target = target
+        self.known_hosts = target.known_hosts
 
     def missing_host_key(self, client, hostname, key):
-        line = f"{hostname} {key.get_name()} {key.get_base64()}\n"
         try:
             with _known_hosts_lock:
-                self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-                with self.known_hosts.open("a", encoding="utf-8") as f:
-                    f.write(line)
+                # Several connections meet a new host at once: the first records its key,
+                # the others find it there (or find that it differs, and refuse).
+                recorded = _recorded_key(self.known_hosts, hostname, key.get_name())
+                if recorded is None:
+                    self._record(hostname, key)
         except OSError as exc:
             raise HostKeyError(f"cannot record the new host key of {hostname} in"
                                f" {self.known_hosts}: {exc.strerror} (host_key_policy ="
                                ' "accept-new" needs it writable)') from None
+        if recorded is not None and recorded != key:
+            raise changed_host_key_error(self.target, hostname, recorded, key)
         client.get_host_keys().add(hostname, key.get_name(), key)
-        log.warning("accepted new host key for %s: %s %s (host_key_policy = accept-new)",
-                    hostname, key.get_name(), key.fingerprint)
+
+    def _record(self, hostname: str, key: paramiko.PKey) -> None:
+        self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
+        with self.known_hosts.open("a", encoding="utf-8") as f:
+            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        log.warning("accepted new host key for %s: %s %s, recorded in %s"
+                    " (host_key_policy = accept-new)", hostname, key.get_name(),
+                    key.fingerprint, self.known_hosts)
+
+
+def _recorded_key(known_hosts: Path, hostname: str, key_type: str) -> paramiko.PKey | None:
+    if not known_hosts.exists():
+        return None
+    entry = paramiko.HostKeys(str(known_hosts)).lookup(hostname)
+    return None if entry is None else entry.get(key_type)
+
+
+def known_hosts_name(target: Target) -> str:
+    """The host as known_hosts names it: "host", or "[host]:port" off port 22."""
+    return target.host if target.port == 22 else f"[{target.host}]:{target.port}"
+
+
+def unknown_host_key_error(target: Target, hostname: str, offered: paramiko.PKey
+                           ) -> HostKeyError:
+    port = f"-p {target.port} " if target.port != 22 else ""
+    return HostKeyError(
+        f"host {hostname} not found in known_hosts {target.known_hosts} (it offered"
+        f" {offered.get_name()} {offered.fingerprint}). Check that fingerprint with the"
+        f" host's administrator, then add the key: ssh-keyscan {port}{shlex.quote(target.host)}"
+        f" >> {shlex.quote(str(target.known_hosts))}; or set host_key_policy = \"accept-new\"")
+
+
+def changed_host_key_error(target: Target, hostname: str, expected: paramiko.PKey,
+                           offered: paramiko.PKey) -> HostKeyError:
+    """OpenSSH's "REMOTE HOST IDENTIFICATION HAS CHANGED", in one line."""
+    return HostKeyError(
+        f"host key for {hostname} does not match known_hosts: {target.known_hosts} holds"
+        f" {expected.get_name()} {expected.fingerprint}, the server offered"
+        f" {offered.get_name()} {offered.fingerprint}. Someone may be intercepting the"
+        " connection (man-in-the-middle), or the host was reinstalled; nothing is sent to it."
+        f" If the new key is genuine: ssh-keygen -R {shlex.quote(hostname)}"
+        f" -f {shlex.quote(str(target.known_hosts))}, then add the new key")
 
 
 def _host_keys_client(target: Target) -> paramiko.SSHClient:
@@ -110,9 +166,9 @@ def _host_keys_client(target: Target) -> paramiko.SSHClient:
             raise ConfigError(f"targets.{target.name}.known_hosts",
                               f"cannot load {target.known_hosts}: {exc}") from None
     if target.host_key_policy == "accept-new":
-        client.set_missing_host_key_policy(_AcceptNewPolicy(target.known_hosts))
+        client.set_missing_host_key_policy(_AcceptNewPolicy(target))
     else:
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.set_missing_host_key_policy(_RefuseUnknownPolicy(target))
     return client
 
 
@@ -190,6 +246,11 @@ class SshConnection:
                 auth_timeout=target.connect_timeout_seconds,
                 channel_timeout=target.connect_timeout_seconds,
                 transport_factory=_transport_factory, disabled_algorithms=_DISABLED)
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            sock.close()
+            raise changed_host_key_error(target, known_hosts_name(target), exc.expected_key,
+                                         exc.key) from None
         except Exception as exc:
             client.close()
             sock.close()
