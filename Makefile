@@ -4,7 +4,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test venv lint demo bench bench-scan fault-matrix clean
+.PHONY: test venv lint demo bench bench-scan fault-matrix clean install uninstall
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -37,6 +37,25 @@ bench-scan: $(STAMP)
 
 fault-matrix: $(STAMP)
 	$(VENV)/bin/python bench/fault_matrix.py
+
+# As root: scpd in its own virtualenv, its units and config directory (README: Install as a
+# service). Independent of $(VENV) and of this checkout afterwards. Plain `=`, not `?=`, so
+# that a PYTHON in the caller's environment (a pyenv shim the service user cannot run) is
+# not picked up by accident; `make install PYTHON=...` still overrides.
+APP_DIR = /opt/scpd
+BIN_DIR = /usr/local/bin
+UNIT_DIR = /etc/systemd/system
+CONF_DIR = /etc/scpd
+STATE_DIR = /var/lib/scpd
+PYTHON = /usr/bin/python3
+INSTALL_VARS = APP_DIR='$(APP_DIR)' BIN_DIR='$(BIN_DIR)' UNIT_DIR='$(UNIT_DIR)' \
+	CONF_DIR='$(CONF_DIR)' STATE_DIR='$(STATE_DIR)' PYTHON='$(PYTHON)'
+
+install:
+	@$(INSTALL_VARS) bash tools/install.sh install
+
+uninstall:
+	@$(INSTALL_VARS) bash tools/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
