@@ -37,12 +37,16 @@ class ThrowawaySshd:
     """
 
     def __init__(self, workdir: Path, *, extra_config: str = "",
-                 launcher: list[str] | None = None, has_sftp: bool = True) -> None:
+                 launcher: list[str] | None = None, has_sftp: bool = True,
+                 password_login: bool = False) -> None:
         """launcher: a command prefix sshd runs under (e.g. unshare for a private mount).
-        has_sftp=False: a server without the SFTP subsystem (SCP only)."""
+        has_sftp=False: a server without the SFTP subsystem (SCP only).
+        password_login=True: passwords are accepted too (checked against the shadow file the
+        launcher shows sshd), and root may use one."""
         self.workdir = Path(workdir).absolute()
         self.extra_config = extra_config
         self.has_sftp = has_sftp
+        self.password_login = password_login
         self.launcher = launcher or []
         self.port: int | None = None
         # The effective user, not $USER: it is the only one a non-root sshd can log in.
@@ -196,10 +200,10 @@ class ThrowawaySshd:
             f"AuthorizedKeysFile {self.authorized_keys}",
             "StrictModes no",
             "UsePAM no",
-            "PasswordAuthentication no",
+            f"PasswordAuthentication {'yes' if self.password_login else 'no'}",
             "KbdInteractiveAuthentication no",
             "PubkeyAuthentication yes",
-            "PermitRootLogin prohibit-password",
+            f"PermitRootLogin {'yes' if self.password_login else 'prohibit-password'}",
             "LogLevel VERBOSE",
             "MaxStartups 100:30:200",
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shlex
 import socket
 import struct
@@ -17,6 +18,7 @@ import paramiko
 
 from scpd.config import Target
 from scpd.errors import (
+    AuthError,
     ConfigError,
     ConnectError,
     HostKeyError,
@@ -41,38 +43,53 @@ _known_hosts_lock = threading.Lock()
 class Credentials:
     pkey: paramiko.PKey | None = None
     password: str | None = field(default=None, repr=False)  # never in a log or traceback
+    use_agent: bool = False  # offer the keys of $SSH_AUTH_SOCK's agent too
 
 
 def load_credentials(target: Target) -> Credentials:
     """Load the key or password once, at start or reload: a bad key is a config error.
     The known_hosts file is parsed here too, so that a broken one is refused at start."""
-    key_path = f"targets.{target.name}"
     if target.known_hosts.exists():
         _host_keys_client(target).close()
     if target.identity_file is not None:
-        try:
-            return Credentials(pkey=paramiko.PKey.from_path(target.identity_file))
-        except FileNotFoundError:
-            raise ConfigError(f"{key_path}.identity_file",
-                              f"file not found: {target.identity_file}") from None
-        except TypeError:  # paramiko: "Key is password-protected, but password was not provided"
-            raise ConfigError(f"{key_path}.identity_file",
-                              f"{target.identity_file} is protected by a passphrase; scpd needs"
-                              " a key without one (ssh-keygen -p -N '' -f KEY on a copy)") from None
-        except (ValueError, paramiko.SSHException, OSError) as exc:
-            raise ConfigError(f"{key_path}.identity_file",
-                              f"{target.identity_file} is not a usable private key ({exc}); "
-                              "use an OpenSSH-format ed25519, ecdsa or RSA key") from None
-    assert target.password_file is not None
+        return Credentials(pkey=_load_key(target), use_agent=target.use_agent)
+    if target.password_file is not None:
+        password = _read_secret(target.password_file, f"targets.{target.name}.password_file")
+        return Credentials(password=password, use_agent=target.use_agent)
+    return Credentials(use_agent=target.use_agent)
+
+
+def _load_key(target: Target) -> paramiko.PKey:
+    key_path, path = f"targets.{target.name}.identity_file", target.identity_file
+    passphrase = None
+    if target.passphrase_file is not None:
+        passphrase = _read_secret(target.passphrase_file,
+                                  f"targets.{target.name}.passphrase_file").encode()
     try:
-        password = target.password_file.read_text(encoding="utf-8").rstrip("\n")
+        return paramiko.PKey.from_path(path, password=passphrase)  # bytes, though typed str
+    except FileNotFoundError:
+        raise ConfigError(key_path, f"file not found: {path}") from None
+    except TypeError:  # paramiko: "Key is password-protected, but password was not provided"
+        raise ConfigError(key_path, f"{path} is protected by a passphrase: set passphrase_file"
+                          " to a file holding it") from None
+    except (ValueError, paramiko.SSHException, OSError) as exc:
+        if passphrase is not None:
+            # paramiko words a wrong passphrase as a PEM parsing error: say what it means.
+            raise ConfigError(key_path, f"cannot decrypt {path} with the passphrase in"
+                              f" {target.passphrase_file} (wrong passphrase?), or it is not"
+                              " a usable private key") from None
+        raise ConfigError(key_path, f"{path} is not a usable private key ({exc}); use an"
+                          " OpenSSH-format ed25519, ecdsa or RSA key") from None
+
+
+def _read_secret(path: Path, key_path: str) -> str:
+    """A password or passphrase file's content; a trailing newline is not part of it."""
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\n")
     except OSError as exc:
-        raise ConfigError(f"{key_path}.password_file",
-                          f"cannot read {target.password_file}: {exc.strerror}") from None
+        raise ConfigError(key_path, f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{key_path}.password_file",
-                          f"{target.password_file} is not UTF-8 text") from None
-    return Credentials(password=password)
+        raise ConfigError(key_path, f"{path} is not UTF-8 text") from None
 
 
 class _RefuseUnknownPolicy(paramiko.MissingHostKeyPolicy):
@@ -240,7 +257,8 @@ class SshConnection:
             client.connect(
                 target.host, port=target.port, username=target.user,
                 pkey=self.credentials.pkey, password=self.credentials.password,
-                sock=sock, allow_agent=False, look_for_keys=False,
+                # Keys only from the config (and the agent when asked): never ~/.ssh.
+                sock=sock, allow_agent=self.credentials.use_agent, look_for_keys=False,
                 timeout=target.connect_timeout_seconds,
                 banner_timeout=target.connect_timeout_seconds,
                 auth_timeout=target.connect_timeout_seconds,
@@ -254,6 +272,8 @@ class SshConnection:
         except Exception as exc:
             client.close()
             sock.close()
+            if _is_without_credentials(exc):
+                raise AuthError(_no_credentials_message(self.credentials)) from None
             error = classify(exc)
             if isinstance(error, RetryableError):  # no session yet: the target is unreachable
                 raise ConnectError(str(error)) from None
@@ -277,6 +297,20 @@ class SshConnection:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+def _is_without_credentials(exc: Exception) -> bool:
+    # paramiko's words when it had no key, password or agent key to offer at all.
+    return isinstance(exc, paramiko.SSHException) and \
+        "No authentication methods available" in str(exc)
+
+
+def _no_credentials_message(credentials: Credentials) -> str:
+    if credentials.use_agent:
+        agent = os.environ.get("SSH_AUTH_SOCK")
+        where = f"the ssh-agent at {agent}" if agent else "no ssh-agent (SSH_AUTH_SOCK is unset)"
+        return f"nothing to log in with: use_agent = true, but {where} offers no key"
+    return "nothing to log in with: set identity_file or password_file"
 
 
 def run_remote(transport: paramiko.Transport, target: Target, command: str | bytes

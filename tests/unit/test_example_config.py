@@ -19,7 +19,8 @@ EXAMPLE = REPO / "config.example.toml"
 
 # Keys whose values are local paths; the test points them at throwaway files.
 _LOCAL_PATH_LINE = re.compile(
-    r'^(?P<key>state_dir|identity_file|password_file|known_hosts|path|archive_dir)'
+    r'^(?P<key>state_dir|identity_file|password_file|passphrase_file|known_hosts|path'
+    r'|archive_dir)'
     r'\s*=\s*"(?P<value>[^"]*)"', re.MULTILINE)
 _KEY_LINE = re.compile(r"^\s*(?P<key>[A-Za-z_][A-Za-z0-9_-]*)\s*=", re.MULTILINE)
 
@@ -34,7 +35,7 @@ def localized_example(root: Path) -> str:
             local = root / value.lstrip("/").replace("/", "_")
             if key == "path":
                 local.mkdir()
-            elif key in ("identity_file", "password_file", "known_hosts"):
+            elif key in ("identity_file", "password_file", "passphrase_file", "known_hosts"):
                 local.write_text("secret\n" if key != "known_hosts" else "")
                 local.chmod(0o600)
             made[value] = local
