@@ -3,7 +3,8 @@
 ScpdError
 ├── ConfigError          exit 78, never retried; carries the dotted key path
 ├── PermanentError       job failed (or target unusable); an operator must act
-│   ├── HostKeyError, AuthError, IncompatibleServerError   (target-level: the target pauses)
+│   ├── HostKeyError, AuthError, IncompatibleServerError,  (target-level: the target pauses)
+│   │   ProtocolUnavailableError
 │   ├── RemotePathError, LocalReadError                      (this file only: the job fails)
 ├── RetryableError       job back to pending with a backoff
 │   ├── ConnectError, TransferInterrupted, RemoteFullError, LocalBusyError
@@ -60,8 +61,16 @@ class IncompatibleServerError(PermanentError):
     is_target_level = True
 
 
+class ProtocolUnavailableError(PermanentError):
+    """The server cannot serve the configured protocol (no scp; an SFTP-only account): every
+    file would fail alike, so the target pauses instead."""
+
+    is_target_level = True
+
+
 class RemotePathError(PermanentError):
-    """The remote refused the path: permission denied, not a directory, no scp."""
+    """The remote refused the path: permission denied, not a directory, a name too long, a
+    symbolic link where scpd makes and enters only real directories."""
 
 
 class LocalReadError(PermanentError):
@@ -105,8 +114,10 @@ _REMOTE_MESSAGES: list[tuple[str, type[ScpdError]]] = [
     ("Not a directory", RemotePathError),
     ("No such file or directory", RemotePathError),
     ("Is a directory", RemotePathError),
-    ("sftp connections only", RemotePathError),
-    ("command not found", RemotePathError),
+    # ENAMETOOLONG: a path over the remote's PATH_MAX, or a name over its NAME_MAX.
+    ("File name too long", RemotePathError),
+    ("sftp connections only", ProtocolUnavailableError),  # ForceCommand internal-sftp
+    ("command not found", ProtocolUnavailableError),  # no scp on the remote
 ]
 
 
@@ -128,9 +139,21 @@ def classify_connect(exc: OSError, where: str) -> ConnectError:
     return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}")
 
 
+def shortened(path: str, keep: int = 60) -> str:
+    """A path fit for one log line: a 4 KB one keeps its start and its end."""
+    return path if len(path) <= 2 * keep + 3 else f"{path[:keep]}...{path[-keep:]}"
+
+
 def classify_sftp(exc: BaseException, path: str) -> ScpdError:
     """An error from an SFTP request about `path`."""
+    path = shortened(path)
     if isinstance(exc, OSError) and not isinstance(exc, ConnectionError | TimeoutError):
+        if exc.errno is None and str(exc) == "Bad message":
+            # OpenSSH's sftp-server answers ENAMETOOLONG (and EINVAL) with SSH_FX_BAD_MESSAGE:
+            # the same path is refused again however often it is tried.
+            return RemotePathError(f"remote: {path}: refused as Bad message (File name too"
+                                   " long, most often: a name or path longer than the remote"
+                                   " allows)")
         if exc.errno is None:
             # OpenSSH's generic SSH_FX_FAILURE, which is also how a full disk shows over
             # SFTPv3: retry rather than give the file up.

@@ -399,23 +399,30 @@ class _Worker(threading.Thread):
             remote = posixpath.join(remote_dir_for(target, watch), job.rel_path)
             # A followed link is read through its target: the transport never follows links.
             source = os.path.realpath(local) if watch.follow_symlinks else local
-            uploads.append(Upload(source, remote, job.version, job.remote_temp))
+            uploads.append(Upload(source, remote, job.version, job.remote_temp,
+                                  base=remote_dir_for(target, watch)))
             fields.append(dict(watch=watch.name, target=target.name, path=str(local),
                                remote_path=remote, attempt=job.attempts + 1))
         done: list[tuple[Job, FileVersion]] = []
         started = time.monotonic()
         since = [started]  # the previous outcome: a file's duration starts there
+        refused = [False]  # the target refused us as a whole (e.g. SCP asked of SFTP-only)
 
         def record(outcomes: list[tuple[int, FileVersion | ScpdError]]) -> None:
             done.extend(self._record_outcomes(jobs, fields, outcomes, started, since[0]))
             since[0] = time.monotonic()
+            refused[0] = refused[0] or any(
+                isinstance(o, PermanentError) and o.is_target_level for _, o in outcomes)
 
         try:
             self.uploader.upload_batch(
                 uploads, record,
                 lambda temps: pool.store.note_remote_temps([(jobs[i], t) for i, t in temps]))
-        finally:  # whatever became of the files, a connection made since a pause ends it
-            pool.note_reached(target, self.uploader.connected_at)
+        finally:
+            # A connection made since a pause ends it, whatever became of the files; unless
+            # the target refused us on it: a login alone then proves nothing.
+            if not refused[0]:
+                pool.note_reached(target, self.uploader.connected_at)
         return done
 
     def _record_outcomes(self, jobs: list[Job], fields: list[dict],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import posixpath
 import secrets
 import stat
 from abc import ABC, abstractmethod
@@ -19,9 +20,11 @@ from scpd.errors import (
     LocalBusyError,
     LocalReadError,
     PermanentError,
+    RemotePathError,
     ScpdError,
     SourceVanished,
     TransferInterrupted,
+    shortened,
 )
 from scpd.fileversion import FileVersion
 
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
     from scpd.transport.throttle import Throttle
 
 _NAME_MAX_BYTES = 255
+# PATH_MAX of Linux (4096) counts the final NUL: every system call refuses a longer path, so
+# one is refused here, before anything is sent (BSDs allow less: their refusal is sorted too).
+_PATH_MAX_BYTES = 4095
 # A conflicting lease (Samba oplocks, knfsd), or out of file descriptors: try again later.
 _TRANSIENT_OPEN_ERRNOS = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EMFILE, errno.ENFILE,
                           errno.EINTR}
@@ -39,12 +45,15 @@ _TRANSIENT_OPEN_ERRNOS = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EMFILE, errno.E
 class Upload:
     """One file to put at one remote path. expected: send only this version (size, mtime).
     stale_temp_path: where an earlier attempt at this file wrote; a crash of the remote may
-    have left it there, and it is removed first."""
+    have left it there, and it is removed first. base: the target's remote_dir, which
+    remote_path lies below; the directories between them are made and entered only if real
+    (a symbolic link there would lead the file outside remote_dir)."""
 
     local_path: str | os.PathLike[str]
     remote_path: str
     expected: FileVersion | None = None
     stale_temp_path: str | None = None
+    base: str | None = None
 
 
 #: on_results([(index in the batch, the version now under the final name, or why not), ...])
@@ -75,10 +84,11 @@ class Uploader(ABC):
 
     def upload(self, local_path: str | os.PathLike[str], remote_path: str,
                expected: FileVersion | None = None, *, stale_temp_path: str | None = None,
-               note_temp: Callable[[str], None] | None = None) -> FileVersion:
+               note_temp: Callable[[str], None] | None = None, base: str | None = None
+               ) -> FileVersion:
         """One file: the version it sent, or the error raised."""
         results: list[FileVersion | ScpdError] = []
-        self.upload_batch([Upload(local_path, remote_path, expected, stale_temp_path)],
+        self.upload_batch([Upload(local_path, remote_path, expected, stale_temp_path, base)],
                           lambda outcomes: results.extend(o for _, o in outcomes),
                           None if note_temp is None else lambda temps: note_temp(temps[0][1]))
         if isinstance(results[0], ScpdError):
@@ -141,10 +151,11 @@ def ends_batch(error: ScpdError) -> bool:
 def temp_name(final_name: str, *, is_per_attempt: bool) -> str:
     """The hidden name a file is written under before it is renamed into place.
 
-    SCP needs a name per attempt: a session cut by the network may still run on the remote
-    for a while, writing to its temporary file and removing it when it ends, so it must never
-    share a name with the retry's. SFTP does nothing the client does not ask for, so it reuses
-    one name, which the next attempt replaces: nothing stale is left behind by a cut.
+    Both transports take a name per attempt. A session cut by the network may still run on
+    the remote for a while (writing to its temporary file, even renaming it), so it must
+    never share a name with the retry's; the store records each name before anything is
+    written there, and the next attempt removes it. And a name no one can guess is one no one
+    can plant a symbolic link at, to have the file written elsewhere.
     A name too long, or with a newline (an SCP record cannot carry one), gets a digest.
     """
     token = f".{secrets.token_hex(4)}" if is_per_attempt else ""
@@ -153,6 +164,45 @@ def temp_name(final_name: str, *, is_per_attempt: bool) -> str:
         return name
     digest = hashlib.sha256(os.fsencode(final_name)).hexdigest()[:32]
     return f".{digest}{token}.scpd-part"
+
+
+def check_remote_path(item: Upload, temp: str) -> None:
+    """Raise RemotePathError if the file must not or cannot go to item.remote_path (or be
+    written at temp first): outside its base, climbing out of it by "..", or longer than a
+    remote takes. Nothing is sent for it: a retry would meet the same refusal."""
+    for path in (item.remote_path, temp):
+        size = len(os.fsencode(path))
+        if size > _PATH_MAX_BYTES:
+            raise RemotePathError(f"remote: File name too long: {shortened(path)} is {size}"
+                                  f" bytes; a remote path may have at most {_PATH_MAX_BYTES}")
+    directories_below(item.base, item.remote_path)
+
+
+def directories_below(base: str | None, path: str) -> list[str]:
+    """The directories between base (excluded) and the file at path, outermost first: those
+    that must be real directories, not symbolic links. Raises RemotePathError if path is not
+    below base, or climbs out of it with a ".." (a relative path from the watched tree never
+    holds one; refused all the same, so that no join can lead outside remote_dir)."""
+    if base is None:
+        return []
+    root = base.rstrip("/") or base[:1]  # "/" stays "/"
+    prefix = root if root in ("", "/") else root + "/"
+    parts = [part for part in path[len(prefix):].split("/") if part] \
+        if path.startswith(prefix) else []
+    if not parts:
+        raise RemotePathError(f"remote: {path} is not below remote_dir {base}; not sent")
+    if ".." in parts:
+        raise RemotePathError(f"remote: {path} has a \"..\" component, which could lead"
+                              f" outside remote_dir {base}; not sent")
+    return [posixpath.join(root, *parts[:depth]) for depth in range(1, len(parts))]
+
+
+def symlink_refusal(path: str, base: str) -> RemotePathError:
+    """What a symbolic link met below remote_dir means, the same for every transport."""
+    return RemotePathError(f"remote: {path} is a symbolic link: scpd makes and enters only"
+                           f" real directories below remote_dir {base}, so that no file lands"
+                           " outside it (replace the link by a directory, or set remote_dir"
+                           " to where it leads)")
 
 
 class LocalFile:

@@ -8,11 +8,14 @@ round trip and no new remote shell (a login shell's rc files can cost 100 ms per
 The requests scpd sends the agent are lines, each starting with a random token of this
 session, so that the bytes of a file can never be taken for a request, even if the scp sink
 dies in the middle of one. Paths travel octal-escaped where they hold anything but plain
-characters: file names are data, never shell.
+characters: file names are data, never shell. remote_dir is made like mkdir -p (it may be a
+symbolic link: operators point it at a mount); each directory below it (S) must be a real
+one, made if missing: a link there would lead files outside remote_dir, and is refused.
 
 A batch, on the wire:
 
-    D<dir>  N<temp>...  [R<stale temp>...]  G     then the scp stream: T, C, data, \\0 for
+    D<dir>  B<remote_dir>  [S<dir below it>...]  N<temp>...  [R<stale temp>...]  G
+                                                  then the scp stream: T, C, data, \\0 for
     each file (pipelined: the next file's records go out before the last file's ack is
     read), E. Then each file acknowledged whole is renamed into place: over an SFTP channel
     of the same connection (posix-rename, pipelined) where the server has one; else, or
@@ -44,6 +47,8 @@ from paramiko.sftp import SFTPError
 from scpd.errors import (
     FileChangedError,
     LocalReadError,
+    PermanentError,
+    ProtocolUnavailableError,
     RemotePathError,
     ScpdError,
     TransferInterrupted,
@@ -57,6 +62,9 @@ from scpd.transport.base import (
     TempCallback,
     Upload,
     Uploader,
+    check_remote_path,
+    directories_below,
+    symlink_refusal,
     temp_name,
 )
 from scpd.transport.sftp import rename_into_place
@@ -68,24 +76,40 @@ log = logging.getLogger("scpd.transport")
 _CHUNK_BYTES = 256 * 1024  # 16 KiB to 256 KiB measured equal; larger costs paramiko copies
 _SLICE_BYTES = 32704  # the payload of one packet under OpenSSH's 32 KiB maximum
 _MAX_MESSAGE_LINES = 20
+# A refusal names the path, which may be 4 KB long, before the reason ("File name too long"):
+# read that far, and keep the head and the reason of it.
+_MAX_LINE_BYTES = 64 * 1024
+_KEPT_LINE_CHARS = 400
+_SYMLINK_REFUSAL = re.compile(r"scpd: symbolic link (\d+)")
 _PLAIN_PATH = re.compile(rb"[A-Za-z0-9._/+,=@:-]*")
 
 # `set -f`: no globbing of unquoted words. $@ holds the temporary files of the current
 # batch, which are removed when the session ends (published ones are gone by then): also
 # when the sink died with the connection (SIGPIPE), as only a missing scp (126, 127) ends
 # the loop at once. A temporary file that cannot be renamed is removed at once. Statuses
-# of renames carry the token: mv's own words can never pass for one.
+# of renames carry the token: mv's own words can never pass for one. $e: why the batch's
+# directory cannot be used (the first refusal of B or S), said at G; $n counts the S lines,
+# so that a link is named by its place in the list, never by a path printed by the shell.
 _AGENT = r"""set -f; tok=TOKEN; nl='
 '
+below() {
+  n=$((n + 1))
+  if [ -L "$1" ]; then e="scpd: symbolic link $n"
+  elif [ ! -d "$1" ] && ! e=$(mkdir -- "$1" 2>&1) && { [ -L "$1" ] || [ ! -d "$1" ]; }; then
+    e=${e:-"mkdir: cannot create directory $n"}
+  else e=; fi
+}
 while IFS= read -r op; do
   rest=${op#"$tok"}; [ "$rest" != "$op" ] || break
   a=${rest#?}
   case $a in *\\*) a=$(printf '%bx' "$a"); a=${a%x};; esac
   case $rest in
-    D*) set --; dir=$a;;
+    D*) set --; dir=$a; e=; n=0;;
+    B*) [ -n "$e" ] || e=$(mkdir -p -- "$a" 2>&1) || e=${e:-"mkdir: cannot create $a"};;
+    S*) [ -n "$e" ] || below "$a";;
     N*) set -- "$@" "$a";;
     R*) rm -f -- "$a";;
-    G*) e=$(mkdir -p -- "$dir" 2>&1) || { printf '\001%s\n' "${e%%"$nl"*}"; break; }
+    G*) [ -z "$e" ] || { printf '\001%s\n' "${e%%"$nl"*}"; break; }
         scp FLAGS-t -d -- "$dir"; s=$?; case $s in 126|127) exit $s;; esac;;
     M*) t=$a;;
     P*) if [ -d "$a" ]; then echo 'scpd: Is a directory'; rm -f -- "$t"; echo "${tok}1"
@@ -150,26 +174,38 @@ class ScpUploader(Uploader):
 
     def upload_batch(self, uploads: Sequence[Upload], on_results: ResultCallback,
                      note_temps: TempCallback | None = None) -> None:
-        """Files bound for one directory go in one batch; a change of directory starts
-        another batch on the same session."""
+        """Files bound for one directory (below one remote_dir) go in one batch; a change of
+        directory starts another batch on the same session. A refusal of the whole target
+        (no scp there) ends it all: the rest get the same error without being tried."""
         self.progress_at = time.monotonic()
         start = 0
         while start < len(uploads):
-            directory = posixpath.dirname(uploads[start].remote_path) or "."
+            key = _batch_key(uploads[start])
             end = start + 1
-            while end < len(uploads) and \
-                    (posixpath.dirname(uploads[end].remote_path) or ".") == directory:
+            while end < len(uploads) and _batch_key(uploads[end]) == key:
                 end += 1
-            self._upload_into(directory, uploads, range(start, end), on_results, note_temps)
+            error = self._upload_into(key[0], uploads, range(start, end), on_results,
+                                      note_temps)
+            if error is not None:
+                on_results([(rest, error) for rest in range(end, len(uploads))])
+                return
             start = end
 
     def _upload_into(self, directory: str, uploads: Sequence[Upload], indices: range,
-                     on_results: ResultCallback, note_temps: TempCallback | None) -> None:
+                     on_results: ResultCallback, note_temps: TempCallback | None
+                     ) -> ScpdError | None:
+        """One batch; the error that says the whole target refuses us, if one did."""
         items = [_Item(index, uploads[index], posixpath.join(directory, temp_name(
             posixpath.basename(uploads[index].remote_path), is_per_attempt=True)))
             for index in indices]
+        for item in items:
+            try:
+                check_remote_path(item.upload, item.temp)
+            except RemotePathError as error:
+                item.outcome = error
         try:
-            self._send_batch(directory, items, note_temps)
+            if sendable := [item for item in items if item.outcome is None]:
+                self._send_batch(directory, sendable, note_temps)
         except (OSError, EOFError, paramiko.SSHException, SFTPError) as exc:
             self.close()  # a half-dead connection is rebuilt, not reused
             self._settle_rest(items, classify(exc))
@@ -181,6 +217,8 @@ class ScpUploader(Uploader):
             self._settle_rest(items, error)
         assert all(item.outcome is not None for item in items)
         on_results([(item.index, item.outcome) for item in items])  # type: ignore[misc]
+        return next((item.outcome for item in items if isinstance(item.outcome, PermanentError)
+                     and item.outcome.is_target_level), None)
 
     @staticmethod
     def _settle_rest(items: list[_Item], error: ScpdError) -> None:
@@ -195,17 +233,29 @@ class ScpUploader(Uploader):
         session = self._open_session()
         if note_temps is not None:
             note_temps([(item.index, item.temp) for item in items])
-        header = [session.request(b"D", directory)]
+        base = items[0].upload.base
+        below = directories_below(base, items[0].upload.remote_path)
+        header = [session.request(b"D", directory), session.request(b"B", base or directory)]
+        header += [session.request(b"S", path) for path in below]
         header += [session.request(b"N", item.temp) for item in items]
         # Best effort: a stale file that cannot be removed must not stop this attempt.
         header += [session.request(b"R", item.upload.stale_temp_path) for item in items
                    if item.upload.stale_temp_path and item.upload.stale_temp_path != item.temp]
         header.append(session.request(b"G"))
         channel = session.channel
-        channel.sendall(b"".join(header))
+        try:
+            channel.sendall(b"".join(header))
+        except OSError:
+            if not channel.closed:
+                raise
+            # The remote ended the session before reading a word (an SFTP-only server does
+            # at once): what it said, or its exit status, is why.
+            if (refusal := self._read_ack(channel)) is not None:
+                raise classify_remote_message(refusal) from None
+            raise
         refusal = self._read_ack(channel)
-        if refusal is not None:  # the directory could not be made
-            raise classify_remote_message(refusal)
+        if refusal is not None:  # the directory could not be made, or is a link
+            raise _directory_refusal(refusal, base, below)
         self._send_files(channel, items)
         channel.sendall(b"E\n")  # ends the sink, which acknowledges and exits
         if (refusal := self._read_ack(channel)) is not None:
@@ -397,8 +447,10 @@ class ScpUploader(Uploader):
         if code == b"\x02":
             raise classify_remote_message(message)
         # Not the SCP protocol at all: e.g. "This service allows sftp connections only."
-        raise RemotePathError(f"remote did not speak SCP: {(code.decode('latin-1') + message)!r}"
-                              " (try protocol = \"sftp\")")
+        # (ForceCommand internal-sftp). No file can go this way: the target pauses.
+        raise ProtocolUnavailableError(
+            f"remote did not speak SCP: {(code.decode('latin-1') + message)!r}"
+            " (try protocol = \"sftp\")")
 
     def _recv_last_ack(self, channel: paramiko.Channel) -> bytes:
         """The ack of a whole file comes once the remote has read everything still in
@@ -458,21 +510,40 @@ def _time_record(mtime_ns: int, atime_ns: int) -> bytes:
     return f"T{m_sec} {m_ns // 1000} {a_sec} {a_ns // 1000}\n".encode()
 
 
-def _read_line(channel: paramiko.Channel, limit: int = 4096) -> str:
-    data = b""
-    while not data.endswith(b"\n") and len(data) < limit:
+def _batch_key(upload: Upload) -> tuple[str, str | None]:
+    return posixpath.dirname(upload.remote_path) or ".", upload.base
+
+
+def _directory_refusal(message: str, base: str | None, below: list[str]) -> ScpdError:
+    """Why the agent would not use the batch's directory: the n-th directory below
+    remote_dir is a symbolic link, or what mkdir said."""
+    link = _SYMLINK_REFUSAL.fullmatch(message)
+    if link is not None and base is not None and 0 < int(link[1]) <= len(below):
+        return symlink_refusal(below[int(link[1]) - 1], base)
+    return classify_remote_message(message)
+
+
+def _read_line(channel: paramiko.Channel) -> str:
+    """One line, one byte at a time (what follows it is the protocol's). A long one keeps its
+    start and its end, where the reason of a refusal is."""
+    data = bytearray()
+    while not data.endswith(b"\n") and len(data) < _MAX_LINE_BYTES:
         byte = channel.recv(1)
         if not byte:
             break
         data += byte
-    return data.decode("utf-8", "replace").strip()
+    line = data.decode("utf-8", "replace").strip()
+    if len(line) <= 2 * _KEPT_LINE_CHARS:
+        return line
+    return f"{line[:_KEPT_LINE_CHARS]}...{line[-_KEPT_LINE_CHARS:]}"
 
 
 def _remote_failure(status: int | None, stderr: str) -> ScpdError:
     if status is None:
         return TransferInterrupted("remote closed the channel without an exit status")
     if status == 127:
-        return RemotePathError(f"scp is not installed on the remote ({stderr})")
+        return ProtocolUnavailableError(f"scp is not installed on the remote ({stderr})"
+                                        " (install it, or set protocol = \"sftp\")")
     if stderr:
         return classify_remote_message(stderr)
     return TransferInterrupted(f"remote command exited {status}")

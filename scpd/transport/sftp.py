@@ -1,7 +1,9 @@
 """SFTP uploads, for accounts restricted to internal-sftp and servers without scp.
 
-Temp name, data, mode and times, then posix-rename@openssh.com, which replaces atomically
-(plain SFTPv3 rename refuses to overwrite).
+A temporary name of this attempt's own, created exclusively (O_EXCL, which also refuses a
+symbolic link there), data, mode and times set through the open handle, then
+posix-rename@openssh.com, which replaces atomically (plain SFTPv3 rename refuses to
+overwrite).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 import posixpath
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import paramiko
 from paramiko.sftp import CMD_EXTENDED
@@ -24,7 +26,17 @@ from scpd.errors import (
     classify_sftp,
 )
 from scpd.fileversion import FileVersion
-from scpd.transport.base import LocalFile, Upload, Uploader, temp_name
+from scpd.transport.base import (
+    LocalFile,
+    ResultCallback,
+    TempCallback,
+    Upload,
+    Uploader,
+    check_remote_path,
+    directories_below,
+    symlink_refusal,
+    temp_name,
+)
 from scpd.transport.ssh import SshConnection
 from scpd.transport.throttle import Throttle
 
@@ -38,6 +50,7 @@ class SftpUploader(Uploader):
         self.target = connection.target
         self._sftp: paramiko.SFTPClient | None = None
         self._sftp_transport: paramiko.Transport | None = None
+        self._checked_dirs: set[str] = set()  # remote_dir and real directories below it
 
     def close(self) -> None:
         self._sftp = None
@@ -47,29 +60,46 @@ class SftpUploader(Uploader):
         self._sftp = None
         self.connection.retire()
 
+    def upload_batch(self, uploads: Sequence[Upload], on_results: ResultCallback,
+                     note_temps: TempCallback | None = None) -> None:
+        """As the base does, with each directory checked once per batch (at most a MiB of
+        files), as the SCP agent checks it: a stat and a lstat per file made 9 requests of a
+        small file one level down instead of 7 (measured: 10-20 % more files/s cached)."""
+        self._checked_dirs.clear()
+        try:
+            super().upload_batch(uploads, on_results, note_temps)
+        finally:
+            self._checked_dirs.clear()
+
     def _upload_one(self, item: Upload, note_temp: Callable[[str], None] | None
                     ) -> FileVersion:
         self.progress_at = time.monotonic()
-        remote_path, stale_temp_path = item.remote_path, item.stale_temp_path
+        tmp_text = posixpath.join(posixpath.dirname(item.remote_path), temp_name(
+            posixpath.basename(item.remote_path), is_per_attempt=True))
+        check_remote_path(item, tmp_text)
         with self.sending_file(LocalFile(item.local_path, item.expected)) as local:
             sftp = self.client()
-            tmp_text = posixpath.join(posixpath.dirname(remote_path), temp_name(
-                posixpath.basename(remote_path), is_per_attempt=False))
             # paramiko encodes str paths as strict UTF-8; bytes carry any file name.
-            final, tmp = os.fsencode(remote_path), os.fsencode(tmp_text)
-            if stale_temp_path != tmp_text:
-                if note_temp is not None:
-                    note_temp(tmp_text)
-                if stale_temp_path is not None:
-                    self._remove_quietly(sftp, os.fsencode(stale_temp_path))
+            final, tmp = os.fsencode(item.remote_path), os.fsencode(tmp_text)
+            if item.stale_temp_path is not None:
+                # What a cut attempt left. If the remote still runs its session, the writes
+                # it has queued go on into the unlinked file, and a rename it has queued
+                # finds nothing to rename: never a mix with this attempt's file. Removed
+                # before the new name replaces it in the queue, so that none is forgotten.
+                self._remove_quietly(sftp, os.fsencode(item.stale_temp_path))
+            if note_temp is not None:
+                note_temp(tmp_text)
+            remote: paramiko.SFTPFile | None = None  # once set, tmp is ours to remove
             try:
-                self.makedirs(sftp, posixpath.dirname(final))
-                self._write(sftp, local, tmp, is_retry=stale_temp_path == tmp_text)
+                self._enter(sftp, item)
+                remote = self._create(sftp, item, tmp)
+                self._write(remote, local, tmp)
                 if (refusal := rename_into_place(sftp, [(tmp, final)])[0]) is not None:
                     raise refusal
                 return local.version
             except ScpdError:
-                self._remove_quietly(sftp, tmp)
+                if remote is not None:
+                    self._remove_quietly(sftp, tmp)
                 raise
             except (EOFError, paramiko.SSHException, ConnectionError, TimeoutError) as exc:
                 self.close()  # a half-open connection would stall every retry again
@@ -78,8 +108,9 @@ class SftpUploader(Uploader):
                 if sftp.get_channel().closed:  # "Socket is closed": the channel, not the file
                     self._sftp = None
                     raise TransferInterrupted(f"sftp channel closed: {exc}") from None
-                self._remove_quietly(sftp, tmp)
-                raise classify_sftp(exc, remote_path) from None
+                if remote is not None:
+                    self._remove_quietly(sftp, tmp)
+                raise classify_sftp(exc, item.remote_path) from None
 
     def client(self) -> paramiko.SFTPClient:
         transport = self.connection.transport()
@@ -115,14 +146,62 @@ class SftpUploader(Uploader):
             except OSError:
                 raise exc from None
 
-    def _write(self, sftp: paramiko.SFTPClient, local: LocalFile, tmp: bytes, *,
-               is_retry: bool) -> None:
+    def _enter(self, sftp: paramiko.SFTPClient, item: Upload) -> None:
+        """Make the file's directory ready: remote_dir like mkdir -p (it may be a symbolic
+        link: operators point it at a mount), and below it only real directories, each made
+        if missing."""
+        if item.base is None:
+            self.makedirs(sftp, posixpath.dirname(item.remote_path))
+            return
+        if item.base not in self._checked_dirs:
+            self.makedirs(sftp, item.base)
+            self._checked_dirs.add(item.base)
+        for directory in directories_below(item.base, item.remote_path):
+            if directory not in self._checked_dirs:
+                self._real_directory(sftp, directory, item.base)
+                self._checked_dirs.add(directory)
+
+    def _create(self, sftp: paramiko.SFTPClient, item: Upload, tmp: bytes
+                ) -> paramiko.SFTPFile:
+        """The temporary file, new (O_CREAT | O_EXCL: never one, or a link, put there)."""
+        try:
+            return sftp.open(tmp, "wxb")
+        except FileNotFoundError:
+            if item.base is None:
+                raise
+            # Its directory, checked earlier in the batch, is gone (a consumer cleared what
+            # it took): check and make it again, once.
+            self._checked_dirs.clear()
+            self._enter(sftp, item)
+            return sftp.open(tmp, "wxb")
+
+    def _real_directory(self, sftp: paramiko.SFTPClient, directory: str, base: str) -> None:
+        """directory, made if missing; refused if it is a symbolic link (lstat: the link, not
+        where it leads), which would take the file outside remote_dir. SFTP has no way to
+        enter a directory without following links: this keeps out a link that is there, not
+        one swapped in between this check and the write."""
+        raw = os.fsencode(directory)
+        try:
+            mode = sftp.lstat(raw).st_mode
+        except FileNotFoundError:
+            try:
+                sftp.mkdir(raw)
+                return
+            except OSError as exc:
+                try:
+                    mode = sftp.lstat(raw).st_mode  # made meanwhile, by another worker?
+                except OSError:
+                    raise exc from None
+        if mode is not None and stat.S_ISLNK(mode):
+            raise symlink_refusal(directory, base)
+        if mode is not None and not stat.S_ISDIR(mode):
+            raise RemotePathError(f"remote: Not a directory ({directory})")
+
+    def _write(self, remote: paramiko.SFTPFile, local: LocalFile, tmp: bytes) -> None:
+        """The data, then mode and times, through the handle (fsetstat): by path, they would
+        go to whatever the name leads to by then."""
         chunk = self.throttle.chunk_bytes(_CHUNK_BYTES)
-        if is_retry:
-            # A new inode, not the old temp truncated: writes of a cut session that the
-            # remote sftp-server still has queued land in the unlinked old file, not here.
-            self._remove_quietly(sftp, tmp)
-        with sftp.open(tmp, "wb") as remote:
+        with remote:
             remote.set_pipelined(True)
             for data in local.read_chunks(chunk):
                 self.throttle.take(len(data))
@@ -130,11 +209,10 @@ class SftpUploader(Uploader):
                 self.progress_at = time.monotonic()
             remote.flush()
             _wait_for_write_replies(remote, self._note_progress)
-            mode = (local.stat.st_mode & 0o7777) if self.target.preserve_mode else 0o644
-            remote.chmod(mode)
-        if self.target.preserve_times:
-            sftp.utime(tmp, (local.stat.st_atime_ns / 1e9, local.stat.st_mtime_ns / 1e9))
-        written = sftp.stat(tmp).st_size
+            remote.chmod((local.stat.st_mode & 0o7777) if self.target.preserve_mode else 0o644)
+            if self.target.preserve_times:
+                remote.utime((local.stat.st_atime_ns / 1e9, local.stat.st_mtime_ns / 1e9))
+            written = remote.stat().st_size
         if written != local.version.size:
             raise TransferInterrupted(f"remote holds {written} of {local.version.size} bytes"
                                       f" of {os.fsdecode(tmp)}")

@@ -22,7 +22,7 @@ from scpd.errors import (
     ConfigError,
     ConnectError,
     HostKeyError,
-    RemotePathError,
+    ProtocolUnavailableError,
     RetryableError,
     TransferInterrupted,
     classify,
@@ -327,5 +327,5 @@ def run_remote(transport: paramiko.Transport, target: Target, command: str | byt
         raise classify(exc) from None
     text = output.decode("utf-8", "replace").strip()
     if "sftp connections only" in text:
-        raise RemotePathError(f"{text} (set protocol = \"sftp\")")
+        raise ProtocolUnavailableError(f"{text} (set protocol = \"sftp\")")
     return status, text

@@ -12,6 +12,7 @@ from scpd.errors import (
     ConnectError,
     HostKeyError,
     PermanentError,
+    ProtocolUnavailableError,
     RemoteFullError,
     RemotePathError,
     RetryableError,
@@ -19,6 +20,7 @@ from scpd.errors import (
     TransferInterrupted,
     classify,
     classify_remote_message,
+    classify_sftp,
 )
 
 
@@ -101,8 +103,10 @@ def test_classify_does_not_disguise_a_programming_error_as_a_network_fault() -> 
     ("scp: /srv/x: Permission denied", RemotePathError),
     ("scp: /srv/x: Read-only file system", RemotePathError),
     ("scp: /srv/x: Not a directory", RemotePathError),
-    ("bash: line 1: scp: command not found", RemotePathError),
-    ("This service allows sftp connections only.", RemotePathError),
+    ("mkdir: cannot create directory '/srv/x': File name too long", RemotePathError),
+    ("scp: /srv/x: File name too long", RemotePathError),
+    ("bash: line 1: scp: command not found", ProtocolUnavailableError),
+    ("This service allows sftp connections only.", ProtocolUnavailableError),
 ])
 def test_classify_remote_message_sorts_what_the_remote_printed(
         message: str, kind: type[ScpdError]) -> None:
@@ -120,3 +124,34 @@ def test_classify_remote_message_retries_a_full_disk_but_not_a_denied_path() -> 
 
 def test_classify_remote_message_retries_unknown_trouble_rather_than_losing_the_file() -> None:
     assert isinstance(classify_remote_message("scp: something odd happened"), RetryableError)
+
+
+def test_a_name_too_long_fails_the_file_for_good_instead_of_retrying() -> None:
+    error = classify_remote_message("mkdir: cannot create directory '/x': File name too long")
+
+    assert isinstance(error, RemotePathError)
+    assert not error.is_target_level  # this file only; the target goes on
+
+
+def test_a_server_without_scp_pauses_the_target_instead_of_failing_each_file() -> None:
+    for message in ("This service allows sftp connections only.",
+                    "sh: 1: scp: command not found"):
+        error = classify_remote_message(message)
+
+        assert isinstance(error, PermanentError)
+        assert error.is_target_level is True, message
+
+
+def test_classify_sftp_fails_a_path_the_server_calls_a_bad_message_for_good() -> None:
+    # OpenSSH's sftp-server answers ENAMETOOLONG with SSH_FX_BAD_MESSAGE, which paramiko
+    # raises as an OSError without errno.
+    error = classify_sftp(OSError("Bad message"), "/srv/in/" + "d" * 300)
+
+    assert isinstance(error, RemotePathError)
+    assert "File name too long" in str(error)
+    assert "/srv/in/ddd" in str(error)
+
+
+def test_classify_sftp_still_retries_a_failure_without_a_reason() -> None:
+    # SSH_FX_FAILURE: a full disk over SFTPv3, most often.
+    assert isinstance(classify_sftp(OSError("Failure"), "/srv/in/x"), RetryableError)
