@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,16 @@ def write_config(tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_
                                        port=port, target_extra=target_extra,
                                        watch_extra=watch_extra))
     return Setup(config=config, watch_dir=watch_dir, remote_dir=remote_dir, state_dir=state_dir)
+
+
+@pytest.fixture(scope="module")
+def scp_only_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySshd]:
+    """A server without the SFTP subsystem: the SCP agent renames with mv."""
+    server = ThrowawaySshd(tmp_path_factory.mktemp("sshd-no-sftp"), has_sftp=False)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -498,6 +498,47 @@ HOSTILE_NAMES = [
 ]
 
 
+def make_hostile_files(watch_dir: Path) -> dict[str, Path]:
+    """A file for each of HOSTILE_NAMES, of its own size, mode and old mtime."""
+    modes = [0o600, 0o640, 0o644, 0o755, 0o700, 0o400]
+    return {name: old_file(watch_dir / name, 100 + index * 97, index, mode=modes[index % 6])
+            for index, name in enumerate(HOSTILE_NAMES)}
+
+
+def assert_landed_exactly(files: dict[str, Path], remote_dir: Path, *,
+                          mtime_unit_ns: int) -> None:
+    """Every file under exactly its own name (bytes of it), with its content, mode and mtime
+    (to the protocol's resolution), and nothing else there."""
+    assert sorted(os.listdir(os.fsencode(remote_dir))) == sorted(
+        os.fsencode(name) for name in files)
+    for name, local in files.items():
+        remote = remote_dir / name
+        assert sha256(remote) == sha256(local), repr(name)
+        assert remote.stat().st_mode & 0o7777 == local.stat().st_mode & 0o7777, repr(name)
+        assert remote.stat().st_mtime_ns // mtime_unit_ns == \
+            local.stat().st_mtime_ns // mtime_unit_ns, repr(name)
+
+
+class ShellMarker:
+    """Proof that no name ran as shell: no `x` from $(touch x) or `touch x` appears, here or
+    in the remote login's working directory (its home: the test sshd logs in this user)."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.home_x = Path.home() / "x"
+        self.before = self._home_x_state()
+
+    def _home_x_state(self) -> tuple[int, int] | None:
+        if not self.home_x.exists():
+            return None
+        st = self.home_x.stat()
+        return st.st_ino, st.st_mtime_ns
+
+    def check(self) -> None:
+        assert list(self.tmp_path.rglob("x")) == []
+        assert self._home_x_state() == self.before, f"{self.home_x} was created or touched"
+
+
 @pytest.fixture(params=["sftp", "mv"], ids=["renames_over_sftp", "renames_by_mv"])
 def scp_server(request, sshd: ThrowawaySshd, tmp_path: Path):
     """The session sshd (the uploader renames over SFTP), or one without the SFTP
@@ -518,33 +559,16 @@ def test_hostile_names_in_one_batch_land_under_exactly_their_own_names(
     known_hosts = scp_server.write_known_hosts(tmp_path / "known_hosts")
     s = write_config(tmp_path, scp_server, known_hosts, remote_dir,
                      target_extra="connections = 1")
-    modes = [0o600, 0o640, 0o644, 0o755, 0o700, 0o400]
-    files = {}
-    for index, name in enumerate(HOSTILE_NAMES):
-        path = old_file(s.watch_dir / name, 100 + index * 97, index, mode=modes[index % 6])
-        files[name] = path
-    home_x = Path.home() / "x"
-    home_x_before = home_x.stat() if home_x.exists() else None
+    files = make_hostile_files(s.watch_dir)
+    ran_nothing = ShellMarker(tmp_path)
     log = SshdLog(scp_server)
 
     result = s.scpd("run", "--once", "--timeout", "20s", timeout=40)
 
     assert result.returncode == 0, result.stderr
     assert log.logins() == 1 and log.sessions() == 1, log.text()
-    assert sorted(os.listdir(remote_dir)) == sorted(HOSTILE_NAMES)
-    for name, local in files.items():
-        remote = remote_dir / name
-        assert sha256(remote) == sha256(local), repr(name)
-        assert remote.stat().st_mode & 0o7777 == local.stat().st_mode & 0o7777, repr(name)
-        assert remote.stat().st_mtime_ns // 1000 == local.stat().st_mtime_ns // 1000, repr(name)
-    # Nothing ran as shell: no `x` from $(touch x) or `touch x`, here or in the remote
-    # login's working directory (its home: the test sshd logs in this same user).
-    assert list(tmp_path.rglob("x")) == []
-    after = home_x.stat() if home_x.exists() else None
-    assert (after is None) == (home_x_before is None), f"{home_x} was created"
-    if after is not None and home_x_before is not None:
-        assert (after.st_ino, after.st_mtime_ns) == (home_x_before.st_ino,
-                                                      home_x_before.st_mtime_ns)
+    assert_landed_exactly(files, remote_dir, mtime_unit_ns=1000)  # SCP carries microseconds
+    ran_nothing.check()
     assert temps_gone(remote_dir, 3.0) == []
     assert "retrying" not in result.stderr and "failed" not in result.stderr, result.stderr
     if not scp_server.has_sftp:  # the agent's mv did the renames: every path through sh

@@ -13,22 +13,19 @@ from pathlib import Path
 
 import pytest
 from conftest import Setup, make_file, sha256, temp_files, wait_until, write_config
-from test_pool import HOSTILE_NAMES, SshdLog, final_files, old_file
+from test_pool import (
+    ShellMarker,
+    SshdLog,
+    assert_landed_exactly,
+    final_files,
+    make_hostile_files,
+    old_file,
+)
 
 from tools.sshd import ThrowawaySshd
 
 OLD_NS = 1_500_000_000_000_000_000
 OUTSIDE_BYTES = b"outside remote_dir: scpd must never write here\n"
-
-
-@pytest.fixture(scope="module")
-def scp_only_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySshd]:
-    """A server without the SFTP subsystem: the SCP agent renames with mv."""
-    server = ThrowawaySshd(tmp_path_factory.mktemp("sshd-no-sftp"), has_sftp=False)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -306,12 +303,8 @@ def test_a_name_longer_than_the_remote_allows_fails_for_good_with_its_reason(
 def test_hostile_names_over_sftp_land_byte_exact_and_run_nothing(
         tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path):
     s = sftp_setup(tmp_path, sshd, known_hosts, remote_dir)
-    modes = [0o600, 0o640, 0o644, 0o755, 0o700, 0o400]
-    files = {name: old_file(s.watch_dir / name, 100 + index * 97, index,
-                            mode=modes[index % 6])
-             for index, name in enumerate(HOSTILE_NAMES)}
-    home_x = Path.home() / "x"
-    home_x_before = home_x.stat() if home_x.exists() else None
+    files = make_hostile_files(s.watch_dir)
+    ran_nothing = ShellMarker(tmp_path)
     log = SshdLog(sshd)
 
     result = s.scpd("run", "--once", "--timeout", "20s", timeout=40)
@@ -319,22 +312,8 @@ def test_hostile_names_over_sftp_land_byte_exact_and_run_nothing(
     assert result.returncode == 0, result.stderr
     assert log.logins() == 1 and log.sftp_sessions() == 1, log.text()
     assert log.sessions() == 0, "SFTP ran a command on the remote"
-    assert sorted(os.listdir(os.fsencode(remote_dir))) == sorted(
-        os.fsencode(name) for name in HOSTILE_NAMES)
-    for name, local in files.items():
-        remote = remote_dir / name
-        assert sha256(remote) == sha256(local), repr(name)
-        assert remote.stat().st_mode & 0o7777 == local.stat().st_mode & 0o7777, repr(name)
-        # SFTPv3 carries whole seconds
-        assert remote.stat().st_mtime_ns // 10**9 == local.stat().st_mtime_ns // 10**9
-    # Nothing ran as shell: no `x` from $(touch x) or `touch x`, here or in the remote
-    # login's working directory (its home: the test sshd logs in this same user).
-    assert list(tmp_path.rglob("x")) == []
-    after = home_x.stat() if home_x.exists() else None
-    assert (after is None) == (home_x_before is None), f"{home_x} was created"
-    if after is not None and home_x_before is not None:
-        assert (after.st_ino, after.st_mtime_ns) == (home_x_before.st_ino,
-                                                      home_x_before.st_mtime_ns)
+    assert_landed_exactly(files, remote_dir, mtime_unit_ns=10**9)  # SFTPv3: whole seconds
+    ran_nothing.check()
     assert temp_files(remote_dir) == []
     assert "retrying" not in result.stderr and "failed" not in result.stderr, result.stderr
 

@@ -4,7 +4,6 @@ not, with the same results; names that are data, never shell or requests."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ ODD_NAMES = [
     "back\\slash", "new\nline", "star*", "what?", "[ab]", "tab\there", "ünïcødé ✓",
     "R" + "x" * 40, "semi;colon&amp|pipe", "%b\\0101", "n" * 240,
 ]
-
-
-@pytest.fixture(scope="module")
-def scp_only_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySshd]:
-    server = ThrowawaySshd(tmp_path_factory.mktemp("sshd-scp-only"), has_sftp=False)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["sftp renames", "mv renames"])
