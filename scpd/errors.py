@@ -14,6 +14,7 @@ ScpdError
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import paramiko
@@ -48,11 +49,25 @@ class PermanentError(ScpdError):
 
 
 class HostKeyError(PermanentError):
+    """`problem` and, when known, `remedy`: what to do about it (the message holds both)."""
+
     is_target_level = True
+
+    def __init__(self, problem: str, remedy: str | None = None):
+        super().__init__(f"{problem}. {remedy}" if remedy else problem)
+        self.problem = problem
+        self.remedy = remedy
 
 
 class AuthError(PermanentError):
+    """`allowed_methods`: what the server said it takes, when it refused the method offered
+    outright (password only, say), else None."""
+
     is_target_level = True
+
+    def __init__(self, message: str, allowed_methods: tuple[str, ...] | None = None):
+        super().__init__(message)
+        self.allowed_methods = allowed_methods
 
 
 class IncompatibleServerError(PermanentError):
@@ -82,7 +97,12 @@ class RetryableError(ScpdError):
 
 
 class ConnectError(RetryableError):
-    pass
+    """`cause`, for a TCP connect that failed: "dns", "refused", "timeout", "unreachable" or
+    "other"; None when the connection failed later (SSH handshake, login)."""
+
+    def __init__(self, message: str, cause: str | None = None):
+        super().__init__(message)
+        self.cause = cause
 
 
 class TransferInterrupted(RetryableError):
@@ -114,6 +134,8 @@ _REMOTE_MESSAGES: list[tuple[str, type[ScpdError]]] = [
     ("Not a directory", RemotePathError),
     ("No such file or directory", RemotePathError),
     ("Is a directory", RemotePathError),
+    ("Operation not permitted", RemotePathError),  # EPERM: immutable, or not the owner
+    ("File exists", RemotePathError),  # mkdir: a file where a directory must go
     # ENAMETOOLONG: a path over the remote's PATH_MAX, or a name over its NAME_MAX.
     ("File name too long", RemotePathError),
     ("sftp connections only", ProtocolUnavailableError),  # ForceCommand internal-sftp
@@ -121,22 +143,35 @@ _REMOTE_MESSAGES: list[tuple[str, type[ScpdError]]] = [
 ]
 
 
-def classify_remote_message(message: str) -> ScpdError:
-    """Sort an error the remote side printed (scp's \\x01 line or the shell's stderr)."""
+def classify_remote_message(message: str, context: str = "") -> ScpdError:
+    """Sort an error the remote side printed (scp's \x01 line or the shell's stderr) by its
+    reason alone: the words after the last ": " of its first line, as strerror() ends
+    "scp: PATH: No space left on device". The rest holds paths, and a file name such as
+    "x: command not found" must not decide how an error is sorted. context: added to the
+    message (which file, which step), never sorted on."""
+    first_line = message.strip().split("\n", 1)[0]
+    reason = first_line.rsplit(": ", 1)[-1]
+    text = f"remote: {message}{context}"
     for needle, cls in _REMOTE_MESSAGES:
-        if needle in message:
-            return cls(f"remote: {message}")
+        if needle in reason:
+            return cls(text)
     # Unknown remote trouble: retry with backoff rather than lose the file.
-    return TransferInterrupted(f"remote: {message}")
+    return TransferInterrupted(text)
 
 
 def classify_connect(exc: OSError, where: str) -> ConnectError:
     """A failure to open the TCP connection to host:port."""
     if isinstance(exc, socket.gaierror):
-        return ConnectError(f"cannot resolve {where.rsplit(':', 1)[0]}: {exc.strerror}")
+        return ConnectError(f"cannot resolve {where.rsplit(':', 1)[0]}: {exc.strerror}", "dns")
     if isinstance(exc, TimeoutError):
-        return ConnectError(f"connection to {where} timed out")
-    return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}")
+        return ConnectError(f"connection to {where} timed out", "timeout")
+    if isinstance(exc, ConnectionRefusedError):
+        cause = "refused"
+    elif exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        cause = "unreachable"
+    else:
+        cause = "other"
+    return ConnectError(f"cannot connect to {where}: {exc.strerror or exc}", cause)
 
 
 def shortened(path: str, keep: int = 60) -> str:
@@ -177,7 +212,9 @@ def classify(exc: BaseException) -> ScpdError:
         if any(text in str(exc) for text in ("transport shut down or saw EOF",
                                              "Authentication timeout")):
             return ConnectError(f"connection lost during authentication: {exc}")
-        return AuthError(f"authentication failed: {exc}")
+        allowed = getattr(exc, "allowed_types", None)  # BadAuthenticationType's
+        return AuthError(f"authentication failed: {exc}",
+                         tuple(allowed) if allowed is not None else None)
     if isinstance(exc, paramiko.SSHException) and "not found in known_hosts" in str(exc):
         return HostKeyError(f"{exc} (add the host key to the configured known_hosts)")
     if isinstance(exc, paramiko.ssh_exception.IncompatiblePeer):

@@ -23,7 +23,7 @@ class _StderrFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         # One record, one line: a file named "x\n12:00:00 INFO sent ..." must not forge a
         # line of its own. (A traceback is added after this, on lines of its own.)
-        record.message = _printable(record.message)
+        record.message = printable(record.message)
         return super().formatMessage(record)
 
 
@@ -56,7 +56,7 @@ def _journal_handler() -> logging.Handler:
         traceback. Fields go to journald as the raw bytes; the message shows \\x escapes."""
 
         def emit(self, record: logging.LogRecord) -> None:
-            record.msg = _printable(record.getMessage())
+            record.msg = printable(record.getMessage())
             record.args = None
             for key, value in list(vars(record).items()):
                 if key.startswith("SCPD_") and isinstance(value, str) and not _is_utf8(value):
@@ -74,16 +74,25 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-# Control characters as escapes: \n, \r, \t, \x1b (no terminal escape sequences either).
-_CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {
-    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def _printable(text: str) -> str:
-    """A message as one line of valid UTF-8: bytes that are not UTF-8 (file names) and
-    control characters show as backslash escapes."""
+def printable(text: str) -> str:
+    """Text as one line of valid UTF-8 that drives no terminal: bytes that are not UTF-8 (file
+    names) and every unprintable character (controls C0 and C1, line and paragraph
+    separators, bidirectional overrides) show as backslash escapes: \\n, \\x1b, \\u202e."""
     text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return text.translate(_CONTROL_ESCAPES)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 \
+        else f"\\U{code:08x}"
 
 
 def event(level: int, name: str, message: str, *args: object, **fields: object) -> None:

@@ -47,15 +47,32 @@ def backoff_seconds(policy: RetryPolicy, attempts: int, rand: Callable[[], float
     return delay * (0.5 + rand() / 2)
 
 
+class OutcomeObserver:
+    """Told of each outcome as the workers record it (scpd/metrics.py counts them); this one
+    ignores them. Called from the workers' threads: implementations must be thread-safe,
+    quick, and must not raise."""
+
+    def delivered(self, target: str, size: int, seconds: float) -> None:
+        """A file of `size` bytes landed, `seconds` after its transfer began."""
+
+    def failed(self, target: str) -> None:
+        """A file failed for good (an operator must act, or retries gave up)."""
+
+    def retried(self, target: str) -> None:
+        """An attempt at a file failed; the file goes back to the queue with a backoff."""
+
+
 class Pool:
     """`connections` workers per target, each with its own SSH connection."""
 
     def __init__(self, config: Config, store: Store, credentials: dict[str, Credentials],
-                 renote: Callable[[str, str], None]):
-        """renote(watch, rel_path): hand a file back to the settler (it changed since queued)."""
+                 renote: Callable[[str, str], None], observer: OutcomeObserver | None = None):
+        """renote(watch, rel_path): hand a file back to the settler (it changed since queued).
+        observer: told of every delivery, failure and retry (metrics)."""
         self.config = config
         self.store = store
         self.renote = renote
+        self.observer = observer or OutcomeObserver()
         self._stopping = threading.Event()
         self._wakeups = {name: threading.Condition() for name in config.targets}
         self._post_action_lock = threading.Lock()
@@ -88,7 +105,7 @@ class Pool:
         with self._pause_lock:
             if gate.was_resumed_after(attempt_started_at):
                 return  # refused before an operator's fix: the next attempt tells
-            self.store.pause_target(target.name, str(error))
+            self.store.pause_target(target.name, logs.printable(str(error)))
             is_new = gate.pause(str(error), probe_seconds)
         if is_new:
             logs.event(logging.ERROR, "paused",
@@ -348,6 +365,7 @@ class _Worker(threading.Thread):
                 for job in store.still_sending(jobs):
                     store.mark_retry(job, "internal error",
                                      time.time() + self.target.retry.max_seconds)
+                    self.pool.observer.retried(self.target.name)
             finally:
                 self.jobs = []
                 idle_since = time.monotonic()
@@ -396,11 +414,13 @@ class _Worker(threading.Thread):
         for job in jobs:
             watch = pool.config.watch(job.watch)
             local = watch.path / job.rel_path
-            remote = posixpath.join(remote_dir_for(target, watch), job.rel_path)
+            # Filled in once: the host name could change between two calls.
+            base = remote_dir_for(target, watch)
+            remote = posixpath.join(base, job.rel_path)
             # A followed link is read through its target: the transport never follows links.
             source = os.path.realpath(local) if watch.follow_symlinks else local
             uploads.append(Upload(source, remote, job.version, job.remote_temp,
-                                  base=remote_dir_for(target, watch)))
+                                  base=base))
             fields.append(dict(watch=watch.name, target=target.name, path=str(local),
                                remote_path=remote, attempt=job.attempts + 1))
         done: list[tuple[Job, FileVersion]] = []
@@ -451,7 +471,8 @@ class _Worker(threading.Thread):
         if not jobs:
             return []
         pool, target = self.pool, self.target
-        duration_ms = int((time.monotonic() - since) * 1000)
+        seconds = time.monotonic() - since
+        duration_ms = int(seconds * 1000)
         pool.target_up(target)
         is_done = pool.store.mark_delivered_many(list(zip(jobs, versions, strict=True)))
         done = []
@@ -460,6 +481,7 @@ class _Worker(threading.Thread):
             logs.event(logging.INFO, "sent", "sent %s to %s:%s (%s in %d ms)", job.rel_path,
                        target.name, its_fields["remote_path"], _human_bytes(version.size),
                        duration_ms, bytes=version.size, duration_ms=duration_ms, **its_fields)
+            pool.observer.delivered(target.name, version.size, seconds)
             if job_is_done:
                 done.append((job, version))
         return done
@@ -507,7 +529,8 @@ class _Worker(threading.Thread):
                 continue
             delay = gate_delay if gate_delay is not None else \
                 backoff_seconds(target.retry, job.attempts)
-            store.mark_retry(job, str(error), time.time() + delay)
+            store.mark_retry(job, logs.printable(str(error)), time.time() + delay)
+            self.pool.observer.retried(target.name)
             retried.append((job, delay, its_fields))
         if retried:
             job, delay, its_fields = retried[0]
@@ -517,7 +540,9 @@ class _Worker(threading.Thread):
                        **its_fields)
 
     def _record_failed(self, job: Job, error: ScpdError, fields: dict) -> None:
-        self.pool.store.mark_failed(job, str(error))
+        # Printable: a name in it may hold bytes that are not UTF-8, which SQLite refuses.
+        self.pool.store.mark_failed(job, logs.printable(str(error)))
+        self.pool.observer.failed(self.target.name)
         hint = " (an operator must act; then: scpd retry)" if isinstance(
             error, PermanentError) else " (gave up)"
         logs.event(logging.ERROR, "failed", "failed %s to %s: %s%s", job.rel_path,

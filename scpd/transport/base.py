@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import posixpath
 import secrets
@@ -29,8 +30,11 @@ from scpd.errors import (
 from scpd.fileversion import FileVersion
 
 if TYPE_CHECKING:
+    from scpd.config import Target
     from scpd.transport.ssh import SshConnection
     from scpd.transport.throttle import Throttle
+
+log = logging.getLogger("scpd.transport")
 
 _NAME_MAX_BYTES = 255
 # PATH_MAX of Linux (4096) counts the final NUL: every system call refuses a longer path, so
@@ -72,6 +76,7 @@ class Uploader(ABC):
     progress_at: float = 0.0
     #: Each uploader has its own connection.
     connection: SshConnection
+    target: Target
     #: The caps it draws from; it also counts the bytes that went out.
     throttle: Throttle
     #: The local file whose bytes are going out now (the status line names it).
@@ -133,6 +138,18 @@ class Uploader(ABC):
             finally:
                 self.sending = None
 
+    def can_carry_times(self, local: LocalFile, latest_seconds: int) -> bool:
+        """Whether the file's mtime and atime fit the protocol's fields (from 1970 to
+        latest_seconds). One that does not is sent without its times, with a warning: a
+        date no remote can hold must not hold up the file, or the batch it travels in."""
+        times = (local.stat.st_mtime_ns // 10**9, local.stat.st_atime_ns // 10**9)
+        if all(0 <= seconds <= latest_seconds for seconds in times):
+            return True
+        log.warning("%s: its times (mtime %d, atime %d) do not fit the %s protocol; sent"
+                    " without them (the remote file gets the time of its arrival)",
+                    local.path, *times, self.target.protocol.upper())
+        return False
+
     @abstractmethod
     def close(self) -> None:
         """Drop the connection; the next upload opens a new one."""
@@ -173,8 +190,9 @@ def check_remote_path(item: Upload, temp: str) -> None:
     for path in (item.remote_path, temp):
         size = len(os.fsencode(path))
         if size > _PATH_MAX_BYTES:
-            raise RemotePathError(f"remote: File name too long: {shortened(path)} is {size}"
-                                  f" bytes; a remote path may have at most {_PATH_MAX_BYTES}")
+            raise RemotePathError(f"File name too long for the remote: {shortened(path)} is"
+                                  f" {size} bytes; a remote path may have at most"
+                                  f" {_PATH_MAX_BYTES} (not sent)")
     directories_below(item.base, item.remote_path)
 
 

@@ -76,6 +76,9 @@ log = logging.getLogger("scpd.transport")
 _CHUNK_BYTES = 256 * 1024  # 16 KiB to 256 KiB measured equal; larger costs paramiko copies
 _SLICE_BYTES = 32704  # the payload of one packet under OpenSSH's 32 KiB maximum
 _MAX_MESSAGE_LINES = 20
+# The sink reads T's seconds as unsigned digits (a negative time is a protocol error) into a
+# 64-bit time_t: no upper limit worth the name.
+_LATEST_SCP_SECONDS = 2**62
 # A refusal names the path, which may be 4 KB long, before the reason ("File name too long"):
 # read that far, and keep the head and the reason of it.
 _MAX_LINE_BYTES = 64 * 1024
@@ -275,12 +278,13 @@ class ScpUploader(Uploader):
                 continue
             with self.sending_file(local):
                 item.version = local.version
-                channel.sendall(self._records(local, item.temp))
+                has_times = self.target.preserve_times and \
+                    self.can_carry_times(local, _LATEST_SCP_SECONDS)
+                channel.sendall(self._records(local, item.temp, has_times))
                 if unacknowledged is not None:
                     self._finish(channel, unacknowledged)
                     unacknowledged = None
-                if self.target.preserve_times and \
-                        (refusal := self._read_ack(channel)) is not None:
+                if has_times and (refusal := self._read_ack(channel)) is not None:
                     raise classify_remote_message(refusal)  # the sink gives up on a bad T
                 if (refusal := self._read_ack(channel)) is not None:
                     item.outcome = classify_remote_message(refusal)  # nothing was created
@@ -290,11 +294,10 @@ class ScpUploader(Uploader):
         if unacknowledged is not None:
             self._finish(channel, unacknowledged)
 
-    def _records(self, local: LocalFile, temp: str) -> bytes:
+    def _records(self, local: LocalFile, temp: str, has_times: bool) -> bytes:
         st, size = local.stat, local.version.size
         mode = (st.st_mode & 0o7777) if self.target.preserve_mode else 0o644
-        times = _time_record(st.st_mtime_ns, st.st_atime_ns) if self.target.preserve_times \
-            else b""
+        times = _time_record(st.st_mtime_ns, st.st_atime_ns) if has_times else b""
         return times + f"C{mode:04o} {size} ".encode() + \
             os.fsencode(posixpath.basename(temp)) + b"\n"
 
@@ -376,7 +379,7 @@ class ScpUploader(Uploader):
         if message is None:
             assert item.version is not None
             return item.version
-        return classify_remote_message(f"{message} (renaming into {item.upload.remote_path})")
+        return classify_remote_message(message, f" (renaming into {item.upload.remote_path})")
 
     def _sftp_for_renames(self) -> paramiko.SFTPClient | None:
         """An SFTP channel on this connection, or None if the server has no SFTP."""

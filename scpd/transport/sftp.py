@@ -40,6 +40,8 @@ from scpd.transport.base import (
 from scpd.transport.ssh import SshConnection
 from scpd.transport.throttle import Throttle
 
+# SFTPv3 carries times as unsigned 32-bit seconds: 1970 to February 2106.
+_LATEST_SFTP_SECONDS = 2**32 - 1
 _CHUNK_BYTES = 32 * 1024  # one SFTP write request each; paramiko pipelines them
 
 
@@ -77,16 +79,17 @@ class SftpUploader(Uploader):
         tmp_text = posixpath.join(posixpath.dirname(item.remote_path), temp_name(
             posixpath.basename(item.remote_path), is_per_attempt=True))
         check_remote_path(item, tmp_text)
+        sftp = self.client()
+        if item.stale_temp_path is not None:
+            # What a cut attempt left. If the remote still runs its session, the writes it
+            # has queued go on into the unlinked file, and a rename it has queued finds
+            # nothing to rename: never a mix with this attempt's file. Removed first: before
+            # the new name replaces it in the queue, and before a vanished local file drops
+            # the job with its record.
+            self._remove_quietly(sftp, os.fsencode(item.stale_temp_path))
         with self.sending_file(LocalFile(item.local_path, item.expected)) as local:
-            sftp = self.client()
             # paramiko encodes str paths as strict UTF-8; bytes carry any file name.
             final, tmp = os.fsencode(item.remote_path), os.fsencode(tmp_text)
-            if item.stale_temp_path is not None:
-                # What a cut attempt left. If the remote still runs its session, the writes
-                # it has queued go on into the unlinked file, and a rename it has queued
-                # finds nothing to rename: never a mix with this attempt's file. Removed
-                # before the new name replaces it in the queue, so that none is forgotten.
-                self._remove_quietly(sftp, os.fsencode(item.stale_temp_path))
             if note_temp is not None:
                 note_temp(tmp_text)
             remote: paramiko.SFTPFile | None = None  # once set, tmp is ours to remove
@@ -210,7 +213,8 @@ class SftpUploader(Uploader):
             remote.flush()
             _wait_for_write_replies(remote, self._note_progress)
             remote.chmod((local.stat.st_mode & 0o7777) if self.target.preserve_mode else 0o644)
-            if self.target.preserve_times:
+            if self.target.preserve_times and \
+                    self.can_carry_times(local, _LATEST_SFTP_SECONDS):
                 remote.utime((local.stat.st_atime_ns / 1e9, local.stat.st_mtime_ns / 1e9))
             written = remote.stat().st_size
         if written != local.version.size:

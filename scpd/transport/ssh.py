@@ -11,6 +11,7 @@ import struct
 import termios
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +70,18 @@ def _load_key(target: Target) -> paramiko.PKey:
         return paramiko.PKey.from_path(path, password=passphrase)  # bytes, though typed str
     except FileNotFoundError:
         raise ConfigError(key_path, f"file not found: {path}") from None
-    except TypeError:  # paramiko: "Key is password-protected, but password was not provided"
-        raise ConfigError(key_path, f"{path} is protected by a passphrase: set passphrase_file"
-                          " to a file holding it") from None
+    except TypeError:
+        # cryptography's words for both: "Key is password-protected, but password was not
+        # provided", and "Password was given but private key is not encrypted".
+        if passphrase is None:
+            raise ConfigError(key_path, f"{path} is protected by a passphrase: set"
+                              " passphrase_file to a file holding it") from None
+        raise ConfigError(key_path, f"{path} is not encrypted: remove passphrase_file"
+                          f" ({target.passphrase_file})") from None
+    except paramiko.UnknownKeyType as exc:  # DSA, Ed448, X25519: none of them SSH keys
+        raise ConfigError(key_path, f"{path} is a key of a type scpd cannot use"
+                          f" ({exc.key_type or 'unknown'}); use an ed25519, ecdsa or RSA"
+                          " key") from None
     except (ValueError, paramiko.SSHException, OSError) as exc:
         if passphrase is not None:
             # paramiko words a wrong passphrase as a PEM parsing error: say what it means.
@@ -131,11 +141,22 @@ class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
 
     def _record(self, hostname: str, key: paramiko.PKey) -> None:
         self.known_hosts.parent.mkdir(parents=True, exist_ok=True)
-        with self.known_hosts.open("a", encoding="utf-8") as f:
-            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+        with self.known_hosts.open("a+", encoding="utf-8") as f:
+            # A file whose last line has no newline would have this entry glued to it,
+            # spoiling both (and with them every host in the file).
+            f.seek(0, os.SEEK_END)
+            ends_open = f.tell() > 0 and _last_byte(self.known_hosts) != b"\n"
+            f.write(("\n" if ends_open else "") +
+                    f"{hostname} {key.get_name()} {key.get_base64()}\n")
         log.warning("accepted new host key for %s: %s %s, recorded in %s"
                     " (host_key_policy = accept-new)", hostname, key.get_name(),
                     key.fingerprint, self.known_hosts)
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def _recorded_key(known_hosts: Path, hostname: str, key_type: str) -> paramiko.PKey | None:
@@ -155,8 +176,9 @@ def unknown_host_key_error(target: Target, hostname: str, offered: paramiko.PKey
     port = f"-p {target.port} " if target.port != 22 else ""
     return HostKeyError(
         f"host {hostname} not found in known_hosts {target.known_hosts} (it offered"
-        f" {offered.get_name()} {offered.fingerprint}). Check that fingerprint with the"
-        f" host's administrator, then add the key: ssh-keyscan {port}{shlex.quote(target.host)}"
+        f" {offered.get_name()} {offered.fingerprint})",
+        "Check that fingerprint with the host's administrator, then add the key:"
+        f" ssh-keyscan {port}{shlex.quote(target.host)}"
         f" >> {shlex.quote(str(target.known_hosts))}; or set host_key_policy = \"accept-new\"")
 
 
@@ -167,8 +189,8 @@ def changed_host_key_error(target: Target, hostname: str, expected: paramiko.PKe
         f"host key for {hostname} does not match known_hosts: {target.known_hosts} holds"
         f" {expected.get_name()} {expected.fingerprint}, the server offered"
         f" {offered.get_name()} {offered.fingerprint}. Someone may be intercepting the"
-        " connection (man-in-the-middle), or the host was reinstalled; nothing is sent to it."
-        f" If the new key is genuine: ssh-keygen -R {shlex.quote(hostname)}"
+        " connection (man-in-the-middle), or the host was reinstalled; nothing is sent to it",
+        f"If the new key is genuine: ssh-keygen -R {shlex.quote(hostname)}"
         f" -f {shlex.quote(str(target.known_hosts))}, then add the new key")
 
 
@@ -217,6 +239,10 @@ class SshConnection:
         self._is_retired = False
         #: time.monotonic() when a connection last got through host key and login (0: never).
         self.connected_at = 0.0
+        # Hooks for `scpd check`, which times the TCP connect and reads the host key and the
+        # login method off the paramiko Transport, to report each as a step of its own.
+        self.open_socket: Callable[[Target], socket.socket] = _open_socket
+        self.transport_factory: Callable[..., paramiko.Transport] = _transport_factory
 
     def transport(self) -> paramiko.Transport:
         if self._is_retired:
@@ -252,7 +278,7 @@ class SshConnection:
             client = _host_keys_client(target)  # read at each connection: fixes apply at once
         except ConfigError as exc:  # known_hosts broken since start: no host can be trusted
             raise HostKeyError(str(exc)) from None
-        sock = self._sock = _open_socket(target)
+        sock = self._sock = self.open_socket(target)
         try:
             client.connect(
                 target.host, port=target.port, username=target.user,
@@ -263,7 +289,7 @@ class SshConnection:
                 banner_timeout=target.connect_timeout_seconds,
                 auth_timeout=target.connect_timeout_seconds,
                 channel_timeout=target.connect_timeout_seconds,
-                transport_factory=_transport_factory, disabled_algorithms=_DISABLED)
+                transport_factory=self.transport_factory, disabled_algorithms=_DISABLED)
         except paramiko.BadHostKeyException as exc:
             client.close()
             sock.close()

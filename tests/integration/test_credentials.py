@@ -163,6 +163,39 @@ def test_an_encrypted_key_without_its_passphrase_is_a_config_error(
     assert PASSWORD not in result.stderr
 
 
+def test_a_passphrase_file_for_a_key_without_one_says_so(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path) -> None:
+    passphrase_file = tmp_path / "passphrase"
+    passphrase_file.write_text(PASSWORD)
+    passphrase_file.chmod(0o600)
+    setup = write_config(tmp_path, sshd, known_hosts, remote_dir)
+    setup.config.write_text(setup.config.read_text().replace(
+        f'identity_file = "{sshd.client_key}"',
+        f'identity_file = "{sshd.client_key}"\npassphrase_file = "{passphrase_file}"'))
+
+    result = setup.scpd("check", "--offline")
+
+    assert result.returncode == 78, result.stderr
+    assert "is not encrypted: remove passphrase_file" in result.stderr
+
+
+def test_a_key_of_a_type_ssh_cannot_use_is_a_config_error(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path) -> None:
+    key = tmp_path / "ed448.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed448", "-out", str(key)], check=True,
+                   capture_output=True)
+    key.chmod(0o600)
+    setup = write_config(tmp_path, sshd, known_hosts, remote_dir)
+    setup.config.write_text(setup.config.read_text().replace(str(sshd.client_key), str(key)))
+
+    result = setup.scpd("check", "--offline")
+
+    assert result.returncode == 78, result.stderr
+    assert "targets.local.identity_file" in result.stderr
+    assert "use an ed25519, ecdsa or RSA key" in result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.fixture
 def ssh_agent(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A throwaway ssh-agent; the environment that points at it."""

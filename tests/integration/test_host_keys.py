@@ -85,6 +85,22 @@ def test_accept_new_records_a_first_key_once_for_all_connections(
     assert len(list(remote_dir.iterdir())) == 8
 
 
+def test_accept_new_keeps_a_file_without_a_final_newline_whole(
+        tmp_path: Path, sshd: ThrowawaySshd, remote_dir: Path) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    other = "[192.0.2.1]:22 " + " ".join(sshd.host_key_line().split()[1:])
+    known_hosts.write_text(other)  # no newline at the end, as an editor may leave it
+    s = write_config(tmp_path, sshd, known_hosts, remote_dir,
+                     target_extra='host_key_policy = "accept-new"')
+    make_file(s.watch_dir / "a.txt", 10)
+
+    first = s.scpd("run", "--once")
+    second = s.scpd("run", "--once")  # reads the file it wrote
+
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    assert known_hosts.read_text().splitlines() == [other, sshd.host_key_line()]
+
+
 def test_hashed_known_hosts_entries_are_trusted(setup: Setup, known_hosts: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-H", "-f", str(known_hosts)], check=True,
                    capture_output=True)

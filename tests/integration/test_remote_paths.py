@@ -117,11 +117,12 @@ def test_sftp_never_writes_through_links_planted_at_the_predictable_temporary_na
 def test_sftp_refuses_a_link_at_its_temporary_name_instead_of_following_it(
         tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path,
         monkeypatch):
-    from scpd.errors import ScpdError
+    from scpd.errors import TransferInterrupted
     from scpd.transport import sftp
 
     # Were the name guessed after all, the exclusive create refuses it (O_EXCL also
-    # refuses a symbolic link, dangling or not).
+    # refuses a symbolic link, dangling or not). The server gives no reason (a generic
+    # failure): retried, and the next attempt takes a new name.
     monkeypatch.setattr(sftp, "temp_name", lambda name, is_per_attempt: f".{name}.guessed")
     s = sftp_setup(tmp_path, sshd, known_hosts, remote_dir)
     victim = outside_file(tmp_path / "elsewhere" / "victim")
@@ -132,7 +133,7 @@ def test_sftp_refuses_a_link_at_its_temporary_name_instead_of_following_it(
     try:
         for name in ("a.bin", "b.bin"):
             local = make_file(s.watch_dir / name, 4000)
-            with pytest.raises(ScpdError):
+            with pytest.raises(TransferInterrupted):
                 uploader.upload(local, str(remote_dir / name), base=str(remote_dir))
     finally:
         uploader.close()

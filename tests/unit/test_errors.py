@@ -105,6 +105,8 @@ def test_classify_does_not_disguise_a_programming_error_as_a_network_fault() -> 
     ("scp: /srv/x: Not a directory", RemotePathError),
     ("mkdir: cannot create directory '/srv/x': File name too long", RemotePathError),
     ("scp: /srv/x: File name too long", RemotePathError),
+    ("mkdir: cannot create directory '/srv/sub': File exists", RemotePathError),
+    ("scp: /srv/x: Operation not permitted", RemotePathError),
     ("bash: line 1: scp: command not found", ProtocolUnavailableError),
     ("This service allows sftp connections only.", ProtocolUnavailableError),
 ])
@@ -124,6 +126,29 @@ def test_classify_remote_message_retries_a_full_disk_but_not_a_denied_path() -> 
 
 def test_classify_remote_message_retries_unknown_trouble_rather_than_losing_the_file() -> None:
     assert isinstance(classify_remote_message("scp: something odd happened"), RetryableError)
+
+
+@pytest.mark.parametrize(("message", "kind"), [
+    # The name says one thing, the reason at the end another: the reason decides.
+    ("scp: /srv/x command not found: Permission denied", RemotePathError),
+    ("scp: /srv/No space left on device: Permission denied", RemotePathError),
+    ("mkdir: cannot create directory '/srv/y Permission denied': No space left on device",
+     RemoteFullError),
+    ("mv: cannot move '/srv/.a' to '/srv/sftp connections only': Operation not permitted",
+     RemotePathError),
+    ("scp: /srv/Permission denied: something odd happened", TransferInterrupted),
+])
+def test_a_file_name_in_the_message_never_decides_how_it_is_sorted(
+        message: str, kind: type[ScpdError]) -> None:
+    assert type(classify_remote_message(message)) is kind
+
+
+def test_context_is_shown_but_never_sorted_on() -> None:
+    error = classify_remote_message("mv: cannot move 'a' to 'b': Permission denied",
+                                    " (renaming into /srv/No space left on device)")
+
+    assert type(error) is RemotePathError
+    assert str(error).endswith("(renaming into /srv/No space left on device)")
 
 
 def test_a_name_too_long_fails_the_file_for_good_instead_of_retrying() -> None:
