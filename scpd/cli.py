@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import json
 import logging
+import os
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
 
 from scpd import __version__, config, logs
-from scpd.errors import ConfigError, ConfigErrors, PermanentError, ScpdError
+from scpd.errors import ConfigError, ConfigErrors, ScpdError
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
@@ -58,6 +60,20 @@ def _build_parser() -> argparse.ArgumentParser:
     retry = command("retry", "put failed jobs back in the queue and resume paused targets")
     retry.add_argument("--target", help="only this target")
     retry.add_argument("paths", nargs="*", help="only these files (paths under a watch)")
+    send = command("send", "push files to one target now, with its transport and settings;"
+                   " a progress line on a terminal")
+    send.epilog = ("A one-off push: the queue is not touched, and a running daemon still sends"
+                   " a file in a watch by itself. A file under a watch that sends to the target"
+                   " keeps its path below that watch; any other goes by its name. Retryable"
+                   " errors are tried 3 times at most, within the target's io_timeout. Exit 0:"
+                   " all sent; 1: some not.")
+    send.add_argument("--target", required=True, help="the target's name in the config")
+    send.add_argument("--remote-dir", metavar="DIR",
+                      help="put the files below DIR (default: the target's remote_dir)")
+    send.add_argument("-r", "--recursive", action="store_true",
+                      help="send the regular files below a directory named (links and special"
+                           " files are skipped)")
+    send.add_argument("files", nargs="+", metavar="FILE", help="the files to send")
     return parser
 
 
@@ -89,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return EX_TEMPFAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `scpd status | head`: the reader has what it wanted
+        # Nothing more can be written there, and Python would complain at exit otherwise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
     except Exception as exc:
         if args.verbose:
             raise
@@ -129,11 +149,22 @@ def _open_daemon(cfg: config.Config, daemon_class):
         return daemon_class(cfg)
 
 
-def _open_store(cfg: config.Config):
+def _open_store(cfg: config.Config, *, is_read_only: bool = False, should_create: bool = True):
+    """The queue in the state_dir. is_read_only (status): nothing is created, migrated or
+    written, and a running daemon is not held up. should_create=False (retry): the queue is
+    not made where there is none. Either way: None if there is no queue yet."""
     from scpd.store import Store
 
     with _state_dir_errors(cfg):
-        return Store.open(cfg.state_dir)
+        if not is_read_only:
+            return Store.open(cfg.state_dir) if should_create else \
+                Store.open_if_exists(cfg.state_dir)
+        try:
+            return Store.open_read_only(cfg.state_dir)
+        except PermissionError:
+            raise ConfigError("daemon.state_dir", f"cannot read the queue in {cfg.state_dir}:"
+                              " permission denied (run as the daemon's user, or with sudo)"
+                              ) from None
 
 
 @contextlib.contextmanager
@@ -147,7 +178,8 @@ def _state_dir_errors(cfg: config.Config) -> Iterator[None]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from scpd.transport import load_credentials, probe
+    from scpd import check  # paramiko and the transports: not needed by the other commands
+    from scpd.transport import load_credentials
 
     cfg = _load(args)
     problems = []
@@ -170,40 +202,91 @@ def _check(args: argparse.Namespace) -> int:
     for name, target in cfg.targets.items():
         remote_dirs = sorted({config.remote_dir_for(target, w) for w in cfg.watches
                               if name in w.targets})
-        try:
-            for step in probe(target, credentials[name], remote_dirs):
-                print(f"target {name}: ok: {step}")
-        except ScpdError as exc:
+        print(check.header(name, target), flush=True)
+        started, steps = time.monotonic(), []
+        for step in check.check_target(target, credentials[name], remote_dirs):
+            steps.append(step)
+            print("\n".join(check.step_lines(step)), flush=True)
+        print(check.verdict(name, steps, time.monotonic() - started), flush=True)
+        if failed := [step for step in steps if step.is_failed]:
             unusable += 1
-            hint = "" if isinstance(exc, PermanentError) else " (retry later?)"
-            print(f"target {name}: FAILED: {exc}{hint}")
-            _say(f"target {name} is unusable: {exc}")
+            _say(f"target {name} is unusable: {check.summary(failed[0])}")
     return EX_UNAVAILABLE if unusable else 0
 
 
 def _status(args: argparse.Namespace) -> int:
+    from scpd.store import Store
 
     cfg = _load(args)
-    store = _open_store(cfg)
-    try:
-        summaries = store.summaries(tuple(w.name for w in cfg.watches), now=time.time())
-    finally:
-        store.close()
-    targets = {name: summaries.get(name, store.empty_summary()) for name in cfg.targets}
+    store = _open_store(cfg, is_read_only=True)
+    now, summaries = time.time(), {}
+    if store is not None:
+        try:
+            with _state_dir_errors(cfg):
+                summaries = store.summaries(tuple(w.name for w in cfg.watches), now=now)
+        finally:
+            store.close()
+    targets = {name: summaries.get(name) or Store.empty_summary() for name in cfg.targets}
     if args.json:
         print(json.dumps({"targets": targets}, indent=2))
         return 0
-    for name, s in targets.items():
-        age = s["oldest_pending_age_s"]
-        print(f"{name}: {s['pending']} pending, {s['sending']} sending, {s['failed']} failed, "
-              f"{s['delivered']} delivered ({s['bytes_delivered']} bytes)"
-              + (f", oldest pending {age:.0f}s" if age is not None else ""))
-        if s["paused"]:
-            print(f"  PAUSED since {s['last_error_at']}: {s['last_error']}"
-                  f" (fix it, then: scpd retry --target {name})")
-        elif s["last_error"]:
-            print(f"  last error at {s['last_error_at']}: {s['last_error']}")
+    print("\n".join(_status_lines(targets, now)))
+    if store is None:
+        # Not an error: nothing was ever owed. (A monitor reads zeros from --json.)
+        print(f"no queue yet in {cfg.state_dir}: scpd has not run with this state_dir")
     return 0
+
+
+def _status_lines(targets: dict[str, dict], now: float) -> list[str]:
+    """A table, one row per target, then a line per target in trouble."""
+    rows = [("TARGET", "PENDING", "SENDING", "FAILED", "DELIVERED", "BYTES", "OLDEST",
+             "LAST SENT")]
+    notes = []
+    for name, s in targets.items():
+        name = logs.printable(name)
+        oldest, last_sent = s["oldest_pending_age_s"], s["last_delivered_at"]
+        rows.append((name, str(s["pending"]), str(s["sending"]),
+                     str(s["failed"]), str(s["delivered"]), _human_bytes(s["bytes_delivered"]),
+                     "-" if oldest is None else _human_age(oldest),
+                     "-" if last_sent is None else f"{_ago(last_sent, now)} ago"))
+        error = logs.printable(s["last_error"] or "")
+        if s["paused"]:
+            notes.append(f"{name}: PAUSED since {s['last_error_at']}: {error}"
+                         f" (fix it, then: scpd retry --target {name})")
+        elif s["last_error"]:
+            hint = f" (fix it, then: scpd retry --target {name})" if s["failed"] else ""
+            notes.append(f"{name}: last error {_ago(s['last_error_at'], now)} ago"
+                         f" ({s['last_error_at']}): {error}{hint}")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i in (0, len(row) - 1) else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+             for row in rows]
+    return lines + notes
+
+
+def _ago(iso_time: str, now: float) -> str:
+    return _human_age(now - datetime.datetime.fromisoformat(iso_time).timestamp())
+
+
+def _human_age(seconds: float) -> str:
+    """3m12s; 5h03m; 2d04h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _human_bytes(n: float) -> str:
+    """512 B; 1.2 GiB."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while n >= 1024 and power < len(units) - 1:
+        n, power = n / 1024, power + 1
+    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
 
 
 def _retry(args: argparse.Namespace) -> int:
@@ -212,19 +295,38 @@ def _retry(args: argparse.Namespace) -> int:
         _say(f'unknown target "{args.target}" (defined: {", ".join(sorted(cfg.targets))})')
         return EX_USAGE
     rel_paths = [pair for p in args.paths for pair in _watch_relative(cfg, p)]
-    store = _open_store(cfg)
-    try:
-        n = store.retry_failed(target=args.target, rel_paths=rel_paths)
-        # A running daemon sees the pause gone within seconds and tries the target again.
-        # Named files alone are about those files, not about whole targets.
-        is_about_targets = bool(args.target) or not rel_paths
-        resumed = store.resume_targets(args.target) if is_about_targets else {}
-    finally:
-        store.close()
+    # No queue, nothing failed: none is made (as root, it would lock the daemon's user out).
+    store = _open_store(cfg, should_create=False)
+    n, resumed = 0, {}
+    if store is not None:
+        try:
+            with _state_dir_errors(cfg):
+                n = store.retry_failed(target=args.target, rel_paths=rel_paths)
+                # A running daemon notices within a second (the queue changed under it) and
+                # sends them, trying a resumed target again. Named files alone are about those
+                # files, not about whole targets.
+                is_about_targets = bool(args.target) or not rel_paths
+                resumed = store.resume_targets(args.target) if is_about_targets else {}
+        finally:
+            store.close()
     print(f"{n} failed job(s) queued again")
     for name, reason in sorted(resumed.items()):
         print(f"target {name} resumed (it was paused: {reason})")
     return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from scpd import send  # the transports are not needed by check --offline or status
+
+    cfg = _load(args)
+    # An operator's command: its own lines on the terminal, the transport's warnings with them.
+    logs.setup(_flag_level(args) or "warning", "stderr")
+    try:
+        return send.send_files(cfg, args.target, args.files, remote_dir=args.remote_dir,
+                               is_recursive=args.recursive, is_quiet=args.quiet,
+                               out=sys.stdout, err=sys.stderr)
+    except send.SendUsageError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _watch_relative(cfg: config.Config, path: str) -> list[tuple[str, str]]:
@@ -245,7 +347,7 @@ class UsageError(ScpdError):
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": _run, "check": _check, "status": _status, "retry": _retry,
+    "run": _run, "check": _check, "status": _status, "retry": _retry, "send": _send,
 }
 
 logging.getLogger("scpd").addHandler(logging.NullHandler())

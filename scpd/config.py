@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import ipaddress
 import os
 import re
 import shlex
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scpd.errors import ConfigError, ConfigErrors
+from scpd.logs import printable
 
 DEFAULT_CONFIG_PATH = "/etc/scpd/config.toml"
 DEFAULT_STATE_DIR = "/var/lib/scpd"
@@ -50,6 +52,13 @@ _MISSING_ERRNOS = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
 # remote_dir's placeholders, filled by remote_dir_for(). Only these, written plainly.
 PLACEHOLDERS = ("hostname", "watch")
 
+# A host name as DNS has it (RFC 1123 labels, ASCII): what getaddrinfo() is given for
+# metrics_listen, never a URL, a path or a port range.
+_HOST_NAME_RE = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                           r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?",
+                           re.ASCII)
+_LISTEN_EXAMPLE = '"127.0.0.1:9308" or "[::1]:9308"'
+
 
 def parse_duration(text: str) -> float:
     """'500ms', '10s', '5m', '1h30m' -> seconds, at most MAX_DURATION_SECONDS.
@@ -67,6 +76,62 @@ def parse_duration(text: str) -> float:
     if not total <= MAX_DURATION_SECONDS:  # also false for nan and inf
         raise ValueError(f"expected a duration of at most 365d (a year), got {_quote(text)}")
     return total
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where a TCP server listens: an IP address literal or a host name, and a port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """'127.0.0.1:9308', '[::1]:9308', 'metrics.example.com:9308' -> ListenAddress.
+    Raises ValueError. Names are not resolved here (check --offline must not need DNS)."""
+    text = text.strip()
+    shape = f"expected HOST:PORT like {_LISTEN_EXAMPLE}, got {_quote(text)}"
+    if text.startswith("["):
+        host, bracket_colon, port_text = text[1:].partition("]:")
+        if not bracket_colon:
+            raise ValueError(shape)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_quote(host)} in brackets is not an IPv6 address (brackets are"
+                             f" for IPv6 only), in {_quote(text)}") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon or not host:
+            raise ValueError(shape)
+        if ":" in host:
+            if _is_ipv6(host) or _is_ipv6(text):
+                raise ValueError(f"write an IPv6 address in brackets, like \"[::1]:9308\","
+                                 f" got {_quote(text)}")
+            raise ValueError(shape)
+        if re.fullmatch(r"[0-9.]+", host):
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{_quote(host)} is not an IPv4 address, in {_quote(text)}"
+                                 ) from None
+        elif not _HOST_NAME_RE.fullmatch(host):
+            raise ValueError(f"{_quote(host)} is neither an IP address nor a host name, in"
+                             f" {_quote(text)} (expected HOST:PORT like {_LISTEN_EXAMPLE})")
+    if not re.fullmatch(r"[0-9]{1,5}", port_text, re.ASCII) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"expected a port 1-65535 after the last colon, got {_quote(text)}")
+    return ListenAddress(host, int(port_text))
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_rate(text: str) -> float:
@@ -140,6 +205,7 @@ class Config:
     rate_bytes_per_second: float | None = None
     log_level: str = "info"  # debug | info | warning | error
     log_target: str = "auto"  # auto (journald under systemd, else stderr) | journal | stderr
+    metrics_listen: ListenAddress | None = None  # Prometheus metrics over HTTP; None: off
 
     def watch(self, name: str) -> Watch:
         return next(w for w in self.watches if w.name == name)
@@ -183,7 +249,7 @@ class _Reader:
     def fail(self, key_path: str, problem: str) -> None:
         # One line each, whatever a key, a name or a path in the file holds: the CLI prints
         # one `scpd:` line per problem, and a newline or an escape sequence would forge more.
-        self.errors.append(ConfigError(_printable(key_path), _printable(problem)))
+        self.errors.append(ConfigError(printable(key_path), printable(problem)))
 
     def table(self, raw: Any, key_path: str, allowed: set[str]) -> dict[str, Any]:
         if not isinstance(raw, dict):
@@ -276,7 +342,8 @@ class _Reader:
     def config(self, path: Path, raw: dict[str, Any]) -> Config:
         top = self.table(raw, "", {"daemon", "targets", "watch"})
         daemon = self.table(top.get("daemon", {}), "daemon",
-                            {"state_dir", "bandwidth_limit", "log_level", "log_target"})
+                            {"state_dir", "bandwidth_limit", "log_level", "log_target",
+                             "metrics_listen"})
         default_state = os.environ.get("STATE_DIRECTORY", "").split(":")[0] or DEFAULT_STATE_DIR
         state_text = self.get(daemon, "state_dir", "daemon", str, default_state)
         if problem := _path_problem(state_text):
@@ -289,6 +356,7 @@ class _Reader:
         log_level = self.choice(daemon, "log_level", "daemon", LOG_LEVELS, "info")
         log_target = self.choice(daemon, "log_target", "daemon", ("auto", "journal", "stderr"),
                                  "auto")
+        metrics_listen = self.parsed(daemon, "metrics_listen", "daemon", parse_listen)
         raw_targets = top.get("targets", {})
         names = set(raw_targets) if isinstance(raw_targets, dict) else set()
         targets_raw = self.table(raw_targets, "targets", names)
@@ -306,7 +374,8 @@ class _Reader:
         self.check_unique_watch_names(watches)
         self.check_overlaps(watches)
         return Config(path=path, state_dir=state_dir, targets=targets, watches=watches,
-                      rate_bytes_per_second=rate, log_level=log_level, log_target=log_target)
+                      rate_bytes_per_second=rate, log_level=log_level, log_target=log_target,
+                      metrics_listen=metrics_listen)
 
     def target(self, name: str, raw: Any) -> Target:
         kp = f"targets.{_key_part(name)}"
@@ -400,7 +469,7 @@ class _Reader:
             "settle", "on_success", "archive_dir", "follow_symlinks", "poll", "poll_interval",
             "rescan_interval"})
         name = self.get(w, "name", f"watch[{index}]", str, f"watch{index}", required=True)
-        if "name" in w and (problem := _name_problem(name)):
+        if "name" in w and (problem := _name_problem(name) or _path_part_problem(name)):
             # The name is a key path here, a log field, and {watch} in remote paths.
             self.fail(f"{kp}.name", f"watch name {problem}")
         path = self.local_path(w, "path", kp, required=True)
@@ -600,7 +669,7 @@ _SHOWN_CHARACTERS = 80  # of a value in a message: enough to recognise it, not a
 
 def _quote(text: str) -> str:
     """A value from the file as a message shows it: in quotes, shortened, on one line."""
-    return f'"{_shorten(_printable(text))}"'
+    return f'"{_shorten(printable(text))}"'
 
 
 def _shorten(text: str) -> str:
@@ -609,19 +678,12 @@ def _shorten(text: str) -> str:
     return f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
 
 
-def _printable(text: str) -> str:
-    """Control and other unprintable characters as escapes (\\n, \\x00, \\u200b)."""
-    if text.isprintable():
-        return text
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-
-
 def _key_part(name: str) -> str:
     """A table or key name as one part of a dotted key path, quoted as TOML would need it:
     targets.offsite, but targets."backup.example.com" and a "" key not left invisible."""
     if re.fullmatch(r"[A-Za-z0-9_-]+", name):
         return name
-    return '"' + _printable(name.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+    return '"' + printable(name.replace("\\", "\\\\").replace('"', '\\"')) + '"'
 
 
 def _path_problem(text: str) -> str | None:
@@ -640,6 +702,14 @@ def _name_problem(name: str) -> str | None:
         return "must not be empty"
     if not name.isprintable():
         return f"must not contain NUL or control characters, got {_quote(name)}"
+    return None
+
+
+def _path_part_problem(name: str) -> str | None:
+    """A watch's name is {watch} in remote_dir: one path component, never a way up."""
+    if "/" in name or name in (".", ".."):
+        return f'must be usable as one directory name (no "/", not "." or ".."), got' \
+            f" {_quote(name)}"
     return None
 
 

@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from scpd import config as config_module
 from scpd import logs, sdnotify
@@ -18,6 +19,9 @@ from scpd.settle import ReadyFile, Settler
 from scpd.store import JobState, Store, lock_state_dir
 from scpd.transport import Credentials, load_credentials
 from scpd.watcher import Watcher
+
+if TYPE_CHECKING:
+    from scpd.metrics import Metrics
 
 log = logging.getLogger("scpd.daemon")
 
@@ -53,6 +57,7 @@ class Daemon:
         self.settler = Settler()
         self.scanner = Scanner(self.store, self.settler, self._queue_found)
         self.pool = Pool(config, self.store, self.credentials, self._renote)
+        self.metrics: Metrics | None = None  # run_forever's, when metrics_listen is set
         self.watcher: Watcher | None = None
         self.rescanner: Rescanner | None = None
         self._next_rescan_at: dict[str, float] = {}
@@ -64,6 +69,9 @@ class Daemon:
 
     def run_forever(self) -> int:
         self._install_signal_handlers()
+        self._apply_metrics(self.config)  # before READY=1: a port in use fails the start
+        if self.metrics is not None:
+            self.pool.observer = self.metrics
         interrupted = self.store.requeue_interrupted()
         if interrupted:
             log.info("%d transfers were cut by the last stop; queued again", interrupted)
@@ -106,7 +114,7 @@ class Daemon:
 
     def _report_once(self, timeout_seconds: float) -> int:
         """Say what run --once left undone; its exit code."""
-        counts = self.store.counts(self._watch_names())
+        counts = self._counts()
         failed = sum(c[JobState.FAILED] for c in counts.values())
         owed = self._owed_count(counts) + len(self.settler)
         paused = {name: (reason, n) for name, reason in self.pool.paused_targets().items()
@@ -145,11 +153,19 @@ class Daemon:
                 sdnotify.notify("WATCHDOG=1")
                 next_ping = now + ping_every
             if now >= next_status:
+                self._wake_on_changes_from_elsewhere()  # `scpd retry`: acted on in a second
                 if (status := self._status_line()) != last_status:
                     sdnotify.notify(f"STATUS={status}")
                     last_status = status
                 next_status = now + _STATUS_SECONDS
             self.settler.wait_for_closed(_TICK_SECONDS)
+
+    def _wake_on_changes_from_elsewhere(self) -> None:
+        """Another process (`scpd retry`) changed the queue: failed jobs may be due again, a
+        pause lifted. Idle workers would look only after up to 5 s: wake them now."""
+        if self.store.has_changed_elsewhere():
+            for target in self.config.targets:
+                self.pool.wake(target)
 
     def _enqueue_ready(self) -> None:
         ready = self.settler.take_ready()
@@ -250,17 +266,20 @@ class Daemon:
                 raise config_module.ConfigErrors([config_module.ConfigError(
                     "daemon.state_dir", "cannot change on reload (restart scpd instead)")])
             credentials = _load_all_credentials(new_config)
+            self._apply_metrics(new_config)  # last: a port it cannot have fails the reload
         except Exception as exc:  # noqa: BLE001 -- any bad new config keeps the old one running
             log.error("reload failed, keeping the running config: %s", exc)
             sdnotify.notify("READY=1")
             return
         self._stop_watching()
         self.pool.stop(_STOP_GRACE_SECONDS)
+        if self.metrics is not None:  # after the old workers' last counts, not before
+            self.metrics.use(new_config)
         self.config, self.credentials = new_config, credentials
         logs.setup(self._log_level_override or new_config.log_level, new_config.log_target)
         self.settler = Settler()
         self.scanner = Scanner(self.store, self.settler, self._queue_found)
-        self.pool = Pool(new_config, self.store, credentials, self._renote)
+        self.pool = Pool(new_config, self.store, credentials, self._renote, self.metrics)
         self._rate_sample = (time.monotonic(), 0)
         self._start_watching()
         self.pool.start()
@@ -273,7 +292,27 @@ class Daemon:
         self._workers_ended = self.pool.stop(grace_seconds,
                                              lambda: self.flags.stop_requests > 1)
 
+    def _apply_metrics(self, config: Config) -> None:
+        """Serve metrics where config.metrics_listen says (moving them on a reload), or stop.
+        Raises ConfigError if scpd cannot listen there; what was served is served still."""
+        if config.metrics_listen is None:
+            if self.metrics is not None:
+                self.metrics.close()
+                log.info("metrics no longer served (daemon.metrics_listen removed)")
+            self.metrics = None
+            return
+        if self.metrics is None:
+            from scpd.metrics import Metrics  # prometheus_client: ~20 ms, only when wanted
+
+            metrics = Metrics(config)
+            metrics.serve(config.metrics_listen)
+            self.metrics = metrics
+        else:
+            self.metrics.serve(config.metrics_listen)
+
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         if self._workers_ended:  # else the process exit ends them; the queue stays consistent
             self.store.close()
         os.close(self._lock_fd)
@@ -283,15 +322,21 @@ class Daemon:
     def _watch_names(self) -> tuple[str, ...]:
         return tuple(w.name for w in self.config.watches)
 
+    def _counts(self) -> dict[str, dict[str, int]]:
+        """{target: {state: n}} of what is owed or failed: the delivered jobs, most of a
+        long-lived queue, are not counted (they cost 0.1 s a second at a million jobs)."""
+        return self.store.counts(self._watch_names(),
+                                 (JobState.PENDING, JobState.SENDING, JobState.FAILED))
+
     def _owed_count(self, counts: dict[str, dict[str, int]] | None = None, *,
                     skip: Collection[str] = (), only: str | None = None) -> int:
         """Files queued or being sent, to every target but `skip` (or to `only`)."""
-        counts = self.store.counts(self._watch_names()) if counts is None else counts
+        counts = self._counts() if counts is None else counts
         return sum(c[JobState.PENDING] + c[JobState.SENDING] for target, c in counts.items()
                    if target not in skip and only in (None, target))
 
     def _status_line(self) -> str:
-        counts = self.store.counts(self._watch_names())
+        counts = self._counts()
         now, sent = time.monotonic(), self.pool.bytes_on_wire()
         last_at, last_sent = self._rate_sample
         self._rate_sample = (now, sent)
@@ -342,7 +387,7 @@ def _printable_name(name: str) -> str:
     """A file name fit for one STATUS= line: a newline in it would start another
     notification field (a file named "x\nSTOPPING=1" must not stop the service), and
     undecodable bytes could not be encoded. Long names keep both ends."""
-    name = "".join(c if c.isprintable() else "?" for c in name)
+    name = logs.printable(name)
     if len(name) > _STATUS_NAME_CHARS:
         keep = (_STATUS_NAME_CHARS - 3) // 2
         name = f"{name[:keep]}...{name[-keep:]}"

@@ -139,8 +139,16 @@ def _first_visit(seen: set[tuple[int, int]], st: os.stat_result) -> bool:
 
 
 def describe_file_type(mode: int, follow_symlinks: bool = False) -> str:
+    """What a watched entry that is not sent is, and for a link why not."""
+    if stat.S_ISLNK(mode) and not follow_symlinks:
+        return "a symbolic link (follow_symlinks = false)"
+    return file_type_name(mode)
+
+
+def file_type_name(mode: int) -> str:
+    """What a file that is not a regular one is: "a FIFO", "a socket", ..."""
     if stat.S_ISLNK(mode):
-        return "a symbolic link" + ("" if follow_symlinks else " (follow_symlinks = false)")
+        return "a symbolic link"
     if stat.S_ISFIFO(mode):
         return "a FIFO"
     if stat.S_ISSOCK(mode):

@@ -135,6 +135,40 @@ def scp_only_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Throwawa
         server.stop()
 
 
+def make_password_sshd(workdir: Path, password: str) -> ThrowawaySshd:
+    """An sshd (not started) that also takes a password: `password` for its login user,
+    checked against a shadow file of its own in a private mount namespace, so the machine's
+    /etc/shadow is never touched. Needs root (require_private_mount_namespace)."""
+    user = ThrowawaySshd(workdir).user
+    hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password,
+                            capture_output=True, text=True, check=True).stdout.strip()
+    shadow = workdir / "shadow"
+    shadow.write_text("".join(
+        ":".join([fields[0], hashed, *fields[2:]] if fields[0] == user else fields) + "\n"
+        for fields in (line.split(":") for line in Path("/etc/shadow").read_text().splitlines())))
+    shadow.chmod(0o600)
+    launcher = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /etc/shadow && exec "$@"', str(shadow)]
+    return ThrowawaySshd(workdir, launcher=launcher, password_login=True)
+
+
+@pytest.fixture
+def ssh_agent(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A throwaway ssh-agent; the environment that points at it."""
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 5
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert socket_path.exists(), "ssh-agent did not create its socket within 5 s"
+        yield {"SSH_AUTH_SOCK": str(socket_path)}
+    finally:
+        agent.terminate()
+        agent.wait(5)
+
+
 @pytest.fixture
 def setup(tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path) -> Setup:
     return write_config(tmp_path, sshd, known_hosts, remote_dir)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -302,3 +305,19 @@ def test_log_target_stderr_keeps_lines_on_stderr_even_under_systemd(setup: Setup
     assert to_journal.returncode == 0 and to_stderr.returncode == 0
     assert "sent a.txt" not in to_journal.stderr  # went to journald (absent here: dropped)
     assert "sent a.txt" in to_stderr.stderr
+
+
+def test_a_reader_that_went_away_ends_status_quietly(setup: Setup):
+    # `scpd status --json | head -1`: the pipe's reader is gone before scpd writes.
+    assert setup.scpd("run", "--once").returncode == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "scpd", "status", "--json", "-c",
+                                 str(setup.config)], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+
+    assert result.returncode == 141, result.stderr
+    assert result.stderr == ""

@@ -10,40 +10,27 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_file, require_private_mount_namespace, run_scpd, write_config
+from conftest import (
+    make_file,
+    make_password_sshd,
+    require_private_mount_namespace,
+    run_scpd,
+    write_config,
+)
 
 from tools.sshd import ThrowawaySshd
 
 PASSWORD = "Hunter2-throwaway-$(touch PWNED)"  # noqa: S105 -- a stand-in to look for in logs
 
 
-def shadow_with_password(path: Path, user: str, password: str) -> Path:
-    hashed = subprocess.run(["openssl", "passwd", "-6", "-stdin"], input=password,
-                            capture_output=True, text=True, check=True).stdout.strip()
-    lines = []
-    for line in Path("/etc/shadow").read_text().splitlines():
-        fields = line.split(":")
-        if fields[0] == user:
-            fields[1] = hashed
-        lines.append(":".join(fields))
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o600)
-    return path
-
-
 @pytest.fixture(scope="module")
 def password_sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawaySshd]:
     require_private_mount_namespace()
-    workdir = tmp_path_factory.mktemp("password-sshd")
-    shadow = shadow_with_password(workdir / "shadow", "root", PASSWORD)
-    launcher = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'mount --bind "$0" /etc/shadow && exec "$@"', str(shadow)]
-    with ThrowawaySshd(workdir, launcher=launcher, password_login=True) as server:
+    with make_password_sshd(tmp_path_factory.mktemp("password-sshd"), PASSWORD) as server:
         yield server
 
 
@@ -194,23 +181,6 @@ def test_a_key_of_a_type_ssh_cannot_use_is_a_config_error(
     assert "targets.local.identity_file" in result.stderr
     assert "use an ed25519, ecdsa or RSA key" in result.stderr
     assert "internal error" not in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.fixture
-def ssh_agent(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A throwaway ssh-agent; the environment that points at it."""
-    socket_path = tmp_path / "agent.sock"
-    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 5
-        while not socket_path.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert socket_path.exists(), "ssh-agent did not create its socket within 5 s"
-        yield {"SSH_AUTH_SOCK": str(socket_path)}
-    finally:
-        agent.terminate()
-        agent.wait(5)
 
 
 def test_use_agent_logs_in_with_a_key_only_the_agent_holds(

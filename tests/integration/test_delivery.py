@@ -121,6 +121,31 @@ def test_odd_file_names_arrive_intact_and_are_never_shell(protocol_setup: Setup)
     assert sorted(p.name for p in s.remote_dir.iterdir()) == sorted(ODD_NAMES)
 
 
+@pytest.mark.parametrize("mtime_ns", [-86_400 * 10**9, 2**32 * 10**9],
+                         ids=["before 1970", "after 2106"])
+def test_a_date_the_protocol_cannot_carry_holds_up_neither_file_nor_batch(
+        protocol_setup: Setup, mtime_ns: int):
+    s = protocol_setup
+    odd = make_file(s.watch_dir / "odd-date.txt", 100, mtime_ns=mtime_ns)
+    neighbours = [make_file(s.watch_dir / f"n{i}.txt", 100, mtime_ns=1_600_000_000 * 10**9)
+                  for i in range(3)]
+
+    result = s.scpd("run", "--once", "--timeout", "10s")
+
+    assert result.returncode == 0, result.stderr
+    assert (s.remote_dir / "odd-date.txt").read_bytes() == odd.read_bytes()
+    for local in neighbours:
+        assert_landed(local, s.remote_dir / local.name,
+                      mtime_resolution_ns=s.mtime_resolution_ns)
+    carried = abs(os.stat(s.remote_dir / "odd-date.txt").st_mtime_ns - mtime_ns) < 10**9
+    if carried:  # SCP's 64-bit times carry 2106 and later
+        assert mtime_ns > 0 and "without them" not in result.stderr, result.stderr
+    else:
+        assert "odd-date.txt: its times" in result.stderr and "sent without them" in \
+            result.stderr, result.stderr
+    assert "retrying" not in result.stderr, result.stderr
+
+
 def test_hidden_and_temporary_files_are_not_sent(setup: Setup):
     make_file(setup.watch_dir / "keep.txt", 10)
     for name in [".hidden", "x.part", "x.tmp", ".x.swp", "x~", ".git/config"]:
@@ -206,8 +231,12 @@ def test_check_connects_and_reports_each_step(setup: Setup):
     result = setup.scpd("check")
 
     assert result.returncode == 0, result.stderr
-    assert "target local: ok: host key and login" in result.stdout
-    assert f"target local: ok: {setup.remote_dir} writable, scp present" in result.stdout
+    assert "  ok       host key ssh-ed25519 SHA256:" in result.stdout
+    assert "  ok       login as " in result.stdout
+    assert "  ok       scp available" in result.stdout
+    assert (f"  ok       {setup.remote_dir} writable (probe file created and removed)"
+            in result.stdout)
+    assert "target local: ok (" in result.stdout
 
 
 def test_check_exits_69_when_a_target_is_unusable(setup: Setup, known_hosts: Path):

@@ -604,6 +604,60 @@ def test_config_rejects_an_unknown_log_level_or_target(cfg: ConfigFiles, key: st
     assert cfg.error(f"daemon.{key}").problem == problem
 
 
+def test_config_has_metrics_off_by_default(cfg: ConfigFiles) -> None:
+    assert cfg.load().metrics_listen is None
+
+
+@pytest.mark.parametrize(("text", "host", "port", "shown"), [
+    ("127.0.0.1:9308", "127.0.0.1", 9308, "127.0.0.1:9308"),
+    ("0.0.0.0:1", "0.0.0.0", 1, "0.0.0.0:1"),  # noqa: S104 -- parsed here, never bound
+    ("[::1]:9308", "::1", 9308, "[::1]:9308"),
+    ("[::]:65535", "::", 65535, "[::]:65535"),
+    ("[fe80::1%eth0]:9308", "fe80::1%eth0", 9308, "[fe80::1%eth0]:9308"),
+    ("localhost:9308", "localhost", 9308, "localhost:9308"),
+    ("metrics-1.example.com:9308", "metrics-1.example.com", 9308,
+     "metrics-1.example.com:9308"),
+    (" 127.0.0.1:9308 ", "127.0.0.1", 9308, "127.0.0.1:9308"),
+])
+def test_config_reads_metrics_listen_as_host_and_port(cfg: ConfigFiles, text: str, host: str,
+                                                      port: int, shown: str) -> None:
+    cfg.raw["daemon"]["metrics_listen"] = text
+
+    listen = cfg.load().metrics_listen
+
+    assert listen == config.ListenAddress(host, port)
+    assert str(listen) == shown
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("127.0.0.1", 'expected HOST:PORT like "127.0.0.1:9308" or "[::1]:9308", got "127.0.0.1"'),
+    (":9308", 'expected HOST:PORT like "127.0.0.1:9308" or "[::1]:9308", got ":9308"'),
+    ("[::1]", 'expected HOST:PORT like "127.0.0.1:9308" or "[::1]:9308", got "[::1]"'),
+    ("http://127.0.0.1:9308",
+     'expected HOST:PORT like "127.0.0.1:9308" or "[::1]:9308", got "http://127.0.0.1:9308"'),
+    ("::1:9308", 'write an IPv6 address in brackets, like "[::1]:9308", got "::1:9308"'),
+    ("[127.0.0.1]:9308", '"127.0.0.1" in brackets is not an IPv6 address (brackets are for'
+                         ' IPv6 only), in "[127.0.0.1]:9308"'),
+    ("127.0.0.256:9308", '"127.0.0.256" is not an IPv4 address, in "127.0.0.256:9308"'),
+    ("metrics_host:9308", '"metrics_host" is neither an IP address nor a host name, in'
+                          ' "metrics_host:9308" (expected HOST:PORT like "127.0.0.1:9308" or'
+                          ' "[::1]:9308")'),
+    ("127.0.0.1:0", 'expected a port 1-65535 after the last colon, got "127.0.0.1:0"'),
+    ("127.0.0.1:65536", 'expected a port 1-65535 after the last colon, got "127.0.0.1:65536"'),
+    ("127.0.0.1:http", 'expected a port 1-65535 after the last colon, got "127.0.0.1:http"'),
+    ("127.0.0.1:-1", 'expected a port 1-65535 after the last colon, got "127.0.0.1:-1"'),
+    ("127.0.0.1:\uff19", 'expected a port 1-65535 after the last colon, got "127.0.0.1:\uff19"'),
+    ("a\nb:9308", '"a\\nb" is neither an IP address nor a host name, in "a\\nb:9308"'
+                  ' (expected HOST:PORT like "127.0.0.1:9308" or "[::1]:9308")'),
+    (9308, "expected a string, got 9308"),
+])
+def test_config_rejects_a_bad_metrics_listen_with_its_key(cfg: ConfigFiles, value: Any,
+                                                          problem: str) -> None:
+    cfg.raw["daemon"]["metrics_listen"] = value
+
+    assert cfg.error("daemon.metrics_listen").problem == problem
+
+
 # -- found by the fuzzer (test_config_fuzz.py) and the audit: each once more, plainly ----------
 
 
@@ -956,3 +1010,14 @@ def test_config_rejects_a_secret_an_acl_shares_with_another_user(cfg: ConfigFile
     error = cfg.error("targets.offsite.identity_file")
 
     assert f"{cfg.identity} is readable by user 54321 (mode 0440;" in error.problem
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "."])
+def test_config_rejects_a_watch_name_that_is_not_one_directory_name(
+        cfg: ConfigFiles, name: str) -> None:
+    # {watch} in remote_dir: "../x" or "a/b" would move files out of the tree meant for them.
+    cfg.watch["name"] = name
+
+    errors = cfg.errors()
+
+    assert any("usable as one directory name" in e.problem for e in errors), errors

@@ -207,6 +207,11 @@ words = st.one_of(st.sampled_from(
      "warning", "error", "auto", "journal", "stderr", "STRICT", "scp ", "", "\0"]), nasty_text)
 names = st.one_of(st.sampled_from(["reports", "offsite", "", "a\nb", "a.b", "x\0"]),
                   nasty_text)
+listens = st.one_of(
+    st.builds(lambda host, port: f"{host}:{port}", st.one_of(hostish, st.sampled_from(
+        ["127.0.0.1", "[::1]", "::1", "[127.0.0.1]", "[fe80::1%\0]", "1.2.3.4.5", "0.0.0.0:"])),
+        big_ints),
+    hostish)
 
 
 def paths(base: Base) -> st.SearchStrategy[str]:
@@ -231,7 +236,7 @@ def _keys(base: Base) -> dict[str, dict[str, st.SearchStrategy[Any]]]:
     flags = st.one_of(st.booleans(), scalars)
     return {
         "daemon": {"state_dir": path, "bandwidth_limit": rates, "log_level": words,
-                   "log_target": words},
+                   "log_target": words, "metrics_listen": listens},
         "target": {
             "host": hostish, "port": big_ints, "user": hostish, "identity_file": path,
             "password_file": path, "passphrase_file": path, "use_agent": flags,
@@ -275,7 +280,11 @@ def _plausible(base: Base) -> dict[str, dict[str, st.SearchStrategy[Any]]]:
     return {
         "daemon": {"state_dir": directory, "bandwidth_limit": rate,
                    "log_level": st.sampled_from(config.LOG_LEVELS),
-                   "log_target": st.sampled_from(["auto", "journal", "stderr"])},
+                   "log_target": st.sampled_from(["auto", "journal", "stderr"]),
+                   "metrics_listen": st.builds(
+                       lambda host, port: f"{host}:{port}",
+                       st.sampled_from(["127.0.0.1", "[::1]", "::1", "localhost", "h_x", ""]),
+                       st.integers(-5, 70_000))},
         "target": {
             "host": word, "port": st.integers(-5, 70_000), "user": word,
             "identity_file": secret, "password_file": secret, "passphrase_file": secret,

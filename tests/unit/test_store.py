@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +16,11 @@ import pytest
 
 from scpd.fileversion import FileVersion
 from scpd.store import (
+    _LOOK_AHEAD_JOBS,
     DB_NAME,
     MIGRATIONS,
+    JobState,
+    SchemaTooNewError,
     StateDirBusyError,
     Store,
     lock_state_dir,
@@ -324,6 +331,8 @@ def test_store_summaries_give_the_fields_of_status_json(store: Store) -> None:
     assert summary["last_error"] == "remote: Permission denied"
     assert datetime.datetime.fromisoformat(summary["last_error_at"]) == \
         datetime.datetime.fromtimestamp(T0 + 42, datetime.UTC).replace(microsecond=0)
+    assert datetime.datetime.fromisoformat(summary["last_delivered_at"]) == \
+        datetime.datetime.fromtimestamp(T0 + 41, datetime.UTC)
 
 
 def test_store_summaries_have_no_age_when_nothing_is_owed(store: Store) -> None:
@@ -335,6 +344,160 @@ def test_store_summaries_have_no_age_when_nothing_is_owed(store: Store) -> None:
     assert summary["oldest_pending_age_s"] is None
     assert summary["last_error"] is None and summary["last_error_at"] is None
     assert Store.empty_summary().keys() == summary.keys()
+
+
+def test_store_summaries_keep_the_last_delivery_of_a_file_queued_again(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.mark_delivered(store.claim("offsite", WATCHES, now=T0), V1, now=T0 + 1)
+    store.enqueue("reports", "offsite", "a.pdf", V2, now=T0 + 50)  # pending again
+
+    summary = store.summaries(WATCHES, now=T0 + 100)["offsite"]
+
+    assert (summary["pending"], summary["delivered"]) == (1, 0)
+    assert summary["oldest_pending_age_s"] == 50.0
+    assert datetime.datetime.fromisoformat(summary["last_delivered_at"]) == \
+        datetime.datetime.fromtimestamp(T0 + 1, datetime.UTC)
+
+
+def test_store_summaries_count_only_the_watches_asked_for(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.enqueue("gone", "offsite", "b.pdf", V2, now=T0 - 50)
+    store.mark_failed(store.claim("offsite", ("gone",), now=T0), "denied", now=T0)
+
+    summary = store.summaries(WATCHES, now=T0 + 100)["offsite"]
+
+    assert (summary["pending"], summary["failed"], summary["last_error"]) == (1, 0, None)
+    assert summary["oldest_pending_age_s"] == 100.0
+
+
+def test_store_counts_only_the_states_asked_for(store: Store) -> None:
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    store.enqueue("reports", "offsite", "b.pdf", V1, now=T0)
+    store.mark_delivered(store.claim("offsite", WATCHES, now=T0), V1, now=T0)
+
+    owed = store.counts(WATCHES, (JobState.PENDING, JobState.SENDING, JobState.FAILED))
+
+    assert owed == {"offsite": {"pending": 1, "sending": 0, "failed": 0}}
+    assert store.counts(WATCHES)["offsite"]["delivered"] == 1
+
+
+# -- read-only, for `scpd status` ---------------------------------------------------------------
+
+
+def test_store_open_read_only_of_no_queue_is_none_and_makes_nothing(state_dir: Path) -> None:
+    assert Store.open_read_only(state_dir) is None
+    assert not state_dir.exists()
+    state_dir.mkdir()
+    assert Store.open_read_only(state_dir) is None
+    assert Store.open_if_exists(state_dir) is None
+    assert list(state_dir.iterdir()) == []
+
+
+def test_store_read_only_writes_nothing_and_cannot(state_dir: Path) -> None:
+    with contextlib.closing(Store.open(state_dir)) as writer:
+        writer.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+        writer.mark_failed(writer.claim("offsite", WATCHES, now=T0), "denied", now=T0)
+    before = {p.name: p.read_bytes() for p in state_dir.iterdir()}
+
+    reader = Store.open_read_only(state_dir)
+    try:
+        assert reader.summaries(WATCHES, now=T0)["offsite"]["failed"] == 1
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.retry_failed()
+    finally:
+        reader.close()
+
+    assert {p.name: p.read_bytes() for p in state_dir.iterdir()} == before  # no -wal, -shm
+
+
+def test_store_read_only_reads_beside_a_writer_and_never_holds_it_up(state_dir: Path) -> None:
+    writer = Store.open(state_dir)
+    try:
+        writer.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+        reader = Store.open_read_only(state_dir)
+        try:
+            with reader._reading():  # a long report: its read transaction stays open
+                started = time.monotonic()
+                writer.enqueue("reports", "offsite", "b.pdf", V1, now=T0)
+                assert time.monotonic() - started < 1.0  # no wait for the reader
+            assert reader.summaries(WATCHES, now=T0)["offsite"]["pending"] == 2
+        finally:
+            reader.close()
+        writer.enqueue("reports", "offsite", "c.pdf", V1, now=T0)  # the reader left no lock
+    finally:
+        writer.close()
+
+
+def test_store_read_only_sees_a_daemon_that_opens_the_queue_during_the_read(
+        state_dir: Path) -> None:
+    with contextlib.closing(Store.open(state_dir)) as first:
+        first.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    reader = Store.open_read_only(state_dir)  # no -wal: the file is read as immutable
+    writer = Store.open(state_dir)  # a daemon starts; its commits go to a new -wal
+    try:
+        writer.enqueue("reports", "offsite", "b.pdf", V1, now=T0)
+
+        assert reader.summaries(WATCHES, now=T0)["offsite"]["pending"] == 2
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_store_read_only_reads_an_older_schema_as_it_is(state_dir: Path) -> None:
+    state_dir.mkdir()
+    db = sqlite3.connect(state_dir / DB_NAME)
+    db.executescript(MIGRATIONS[0] + "PRAGMA user_version = 1;")  # before target_pauses
+    db.execute("INSERT INTO jobs (watch, target, rel_path, state, size, mtime_ns, inode,"
+               " queued_at) VALUES ('reports', 'offsite', ?, 'pending', 1, 1, 1, ?)",
+               (b"old.pdf", T0))
+    db.commit()
+    db.close()
+
+    reader = Store.open_read_only(state_dir)
+    try:
+        summary = reader.summaries(WATCHES, now=T0 + 10)["offsite"]
+    finally:
+        reader.close()
+
+    assert (summary["pending"], summary["paused"], summary["oldest_pending_age_s"]) == \
+        (1, False, 10.0)
+    db = sqlite3.connect(state_dir / DB_NAME)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1  # not migrated
+    db.close()
+
+
+@pytest.mark.parametrize("opener", [Store.open, Store.open_read_only, Store.open_if_exists])
+def test_store_refuses_the_queue_of_a_newer_scpd(state_dir: Path, opener) -> None:
+    Store.open(state_dir).close()
+    db = sqlite3.connect(state_dir / DB_NAME)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.close()
+
+    with pytest.raises(SchemaTooNewError) as refused:
+        opener(state_dir)
+
+    assert refused.value.key_path == "daemon.state_dir"  # a config error: exit 78
+    assert refused.value.found_version == len(MIGRATIONS) + 1
+    assert "newer scpd" in str(refused.value)
+
+
+def test_store_has_changed_elsewhere_sees_the_commits_of_others_only(state_dir: Path) -> None:
+    daemon, command = Store.open(state_dir), Store.open(state_dir)
+    try:
+        daemon.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+        daemon.mark_failed(daemon.claim("offsite", WATCHES, now=T0), "denied", now=T0)
+        assert daemon.has_changed_elsewhere() is False  # its own commits
+
+        assert command.retry_failed() == 1  # `scpd retry`, another process
+
+        assert daemon.has_changed_elsewhere() is True
+        assert daemon.has_changed_elsewhere() is False  # said once
+        command.pause_target("offsite", "authentication failed", now=T0)
+        command.resume_targets()
+        assert daemon.has_changed_elsewhere() is True
+    finally:
+        daemon.close()
+        command.close()
 
 
 def test_lock_state_dir_refuses_a_second_lock_on_the_same_dir(state_dir: Path) -> None:
@@ -552,3 +715,43 @@ def test_a_batch_of_the_root_takes_no_file_of_a_subdirectory(store: Store):
     batch = store.claim_batch("offsite", WATCHES, max_files=10, max_bytes=10**6, now=T0 + 1)
 
     assert [j.rel_path for j in batch] == ["top1", "top2", "subway"]
+
+
+def test_a_batch_looks_for_its_directory_among_the_next_due_jobs_only(store: Store):
+    # A directory's files queued far apart (a backlog of another directory between them):
+    # a claim does not walk the whole backlog to find them; the later one goes later.
+    store.enqueue_many([("reports", "offsite", "a/first", FileVersion(1, 1, 1)),
+                        *[("reports", "offsite", f"b/{i}", FileVersion(1, i, i))
+                          for i in range(_LOOK_AHEAD_JOBS)],
+                        ("reports", "offsite", "a/far", FileVersion(1, 2, 2))], now=T0)
+
+    batch = store.claim_batch("offsite", WATCHES, max_files=100, max_bytes=10**6, now=T0 + 1)
+
+    assert [j.rel_path for j in batch] == ["a/first"]
+    assert store.counts(WATCHES)["offsite"]["pending"] == _LOOK_AHEAD_JOBS + 1
+
+
+def test_a_reader_in_the_daemon_process_leaves_the_live_wal_alone(
+        store: Store, state_dir: Path) -> None:
+    # A metrics scrape reads the queue inside the daemon. Closing any descriptor of the file
+    # drops the process's POSIX locks, SQLite's too: another process closing its connection
+    # then took the database for unused and deleted the WAL the daemon still wrote to.
+    store.enqueue("reports", "offsite", "a.pdf", V1, now=T0)
+    reader = Store.open_read_only(state_dir)
+    assert reader is not None
+    reader.close()
+    wal = state_dir / (DB_NAME + "-wal")
+    other_process = ("import sqlite3, sys; db = sqlite3.connect(sys.argv[1]);"
+                     " db.execute('SELECT count(*) FROM jobs').fetchone(); db.close()")
+    subprocess.run([sys.executable, "-c", other_process, str(state_dir / DB_NAME)],
+                   check=True, timeout=30)
+
+    assert wal.exists(), "another process deleted the WAL of a queue still open"
+    store.enqueue("reports", "offsite", "b.pdf", V1, now=T0)
+    check = sqlite3.connect(state_dir / DB_NAME)
+    try:
+        paths = {row[0] for row in check.execute("SELECT rel_path FROM jobs")}
+    finally:
+        check.close()
+    assert {os.fsencode("a.pdf"), os.fsencode("b.pdf")} <= {
+        p if isinstance(p, bytes) else os.fsencode(p) for p in paths}
