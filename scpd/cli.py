@@ -246,7 +246,7 @@ def _status_lines(targets: dict[str, dict], now: float) -> list[str]:
         name = logs.printable(name)
         oldest, last_sent = s["oldest_pending_age_s"], s["last_delivered_at"]
         rows.append((name, str(s["pending"]), str(s["sending"]),
-                     str(s["failed"]), str(s["delivered"]), _human_bytes(s["bytes_delivered"]),
+                     str(s["failed"]), str(s["delivered"]), logs.human_bytes(s["bytes_delivered"]),
                      "-" if oldest is None else _human_age(oldest),
                      "-" if last_sent is None else f"{_ago(last_sent, now)} ago"))
         error = logs.printable(s["last_error"] or "")
@@ -278,15 +278,6 @@ def _human_age(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _human_bytes(n: float) -> str:
-    """512 B; 1.2 GiB."""
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    power = 0
-    while n >= 1024 and power < len(units) - 1:
-        n, power = n / 1024, power + 1
-    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
 
 
 def _retry(args: argparse.Namespace) -> int:

@@ -95,6 +95,15 @@ def _escape(ch: str) -> str:
         else f"\\U{code:08x}"
 
 
+def human_bytes(n: float) -> str:
+    """"512 B", "1.2 GiB": sizes in log lines and on the command line."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def event(level: int, name: str, message: str, *args: object, **fields: object) -> None:
     """Log one delivery event with its SCPD_* journal fields (SCPD_EVENT = name).
 

@@ -252,6 +252,7 @@ def read_summaries(state_dir: Path, watches: tuple[str, ...]) -> dict[str, dict[
     if store is None:
         return {}
     try:
-        return store.summaries(watches, now=time.time())
+        # Gauges of what is owed only: the delivered jobs (most of a queue) cost 0.15 s.
+        return store.summaries(watches, now=time.time(), with_delivered=False)
     finally:
         store.close()

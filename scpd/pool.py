@@ -479,7 +479,7 @@ class _Worker(threading.Thread):
         for job, version, its_fields, job_is_done in zip(jobs, versions, fields, is_done,
                                                          strict=True):
             logs.event(logging.INFO, "sent", "sent %s to %s:%s (%s in %d ms)", job.rel_path,
-                       target.name, its_fields["remote_path"], _human_bytes(version.size),
+                       target.name, its_fields["remote_path"], logs.human_bytes(version.size),
                        duration_ms, bytes=version.size, duration_ms=duration_ms, **its_fields)
             pool.observer.delivered(target.name, version.size, seconds)
             if job_is_done:
@@ -552,11 +552,3 @@ class _Worker(threading.Thread):
         limit = self.target.retry.give_up_after_seconds
         return (limit is not None and job.first_failure_at is not None
                 and time.time() - job.first_failure_at > limit)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

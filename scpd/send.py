@@ -61,7 +61,7 @@ from scpd.errors import (
     ScpdError,
 )
 from scpd.fileversion import FileVersion
-from scpd.logs import printable
+from scpd.logs import human_bytes, printable
 from scpd.pool import backoff_seconds
 from scpd.scanner import file_type_name
 from scpd.transport import (
@@ -592,14 +592,6 @@ def shortened(text: str, columns: int) -> str:
             break
         tail.append(ch)
     return "".join(head) + "..." + "".join(reversed(tail))
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def human_seconds(seconds: float) -> str:
