@@ -83,6 +83,11 @@ MIGRATIONS = [
 ]
 
 
+# The schema retry and resume_targets work with: target_pauses (2), remote_temp (3). Later
+# steps only add indexes.
+_TOOLS_NEED_SCHEMA = 3
+
+
 def _DELIVERED_IS(prefix: str = "") -> str:  # noqa: N802 -- reads as SQL
     """SQL: the delivered version equals the queued one (given by column prefix)."""
     return (f"delivered_size IS {prefix}size AND delivered_mtime_ns IS {prefix}mtime_ns")
@@ -141,8 +146,11 @@ class Store:
     schema_version = len(MIGRATIONS)  # an older one only when opened read-only
     _is_immutable = False
 
-    def __init__(self, path: Path, *, is_read_only: bool = False):
-        """is_read_only: for reports beside a running daemon (see open_read_only)."""
+    def __init__(self, path: Path, *, is_read_only: bool = False,
+                 migrates_below: int = len(MIGRATIONS) + 1):
+        """is_read_only: for reports beside a running daemon (see open_read_only).
+        migrates_below: bring the schema up to date only if it is older than this version
+        (`scpd retry` beside a daemon not restarted since an upgrade: see open_if_exists)."""
         self.path = path
         self._lock = threading.Lock()
         # While a daemon has the queue open, its -wal and -shm files exist, and a reader reads
@@ -152,7 +160,8 @@ class Store:
         self._is_immutable = is_read_only and not _wal_of(path).exists()
         self._db = _connect(path, is_read_only=is_read_only, is_immutable=self._is_immutable)
         try:
-            self.schema_version = self._check_schema() if is_read_only else self._migrate()
+            self.schema_version = self._check_schema() if is_read_only \
+                else self._migrate(migrates_below)
             self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
         except BaseException:
             self._db.close()
@@ -167,7 +176,10 @@ class Store:
     def open_if_exists(cls, state_dir: Path) -> Store | None:
         """The queue, None if scpd has made none in state_dir. (`scpd retry` has nothing to do
         then; a queue it made, as root, could not be written by the daemon's user.)"""
-        return cls(state_dir / DB_NAME) if _exists(state_dir / DB_NAME) else None
+        path = state_dir / DB_NAME
+        # Not migrated if it has what retry needs: a new index built under the write lock
+        # (1.7 s at a million jobs) would hold up the daemon still running on it.
+        return cls(path, migrates_below=_TOOLS_NEED_SCHEMA) if _exists(path) else None
 
     @classmethod
     def open_read_only(cls, state_dir: Path) -> Store | None:
@@ -213,12 +225,14 @@ class Store:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")  # a read: nothing to keep
 
-    def _migrate(self) -> int:
-        """Bring the schema up to date; its version."""
+    def _migrate(self, migrates_below: int) -> int:
+        """Bring the schema up to date if it is older than migrates_below; its version."""
         with self._transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
                 raise SchemaTooNewError(self.path, version)
+            if version >= migrates_below:
+                return version
             for step, script in enumerate(MIGRATIONS[version:], start=version):
                 for statement in filter(str.strip, script.split(";")):
                     db.execute(statement)
@@ -492,8 +506,13 @@ class Store:
         jobs_status index, not the table (a million jobs: ~0.15 s). with_delivered=False
         leaves the delivered jobs out (counts, bytes, last delivery: zero or None), and the
         last errors too: what is owed alone costs a few ms (a metrics scrape)."""
-        result = self._summaries(watches, now, with_delivered)
-        if self._is_immutable and _wal_of(self.path).exists():
+        try:
+            result = self._summaries(watches, now, with_delivered)
+        except sqlite3.DatabaseError:
+            if not self._is_immutable:
+                raise
+            result = None  # a checkpoint changed the file mid-read: "malformed", say
+        if self._is_immutable and (result is None or _wal_of(self.path).exists()):
             # A daemon opened the queue during this unlocked read: a checkpoint of its may
             # have changed the file under it. Read again, through its -wal and -shm now.
             with self._lock:

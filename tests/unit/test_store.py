@@ -755,3 +755,36 @@ def test_a_reader_in_the_daemon_process_leaves_the_live_wal_alone(
         check.close()
     assert {os.fsencode("a.pdf"), os.fsencode("b.pdf")} <= {
         p if isinstance(p, bytes) else os.fsencode(p) for p in paths}
+
+
+def test_retry_beside_a_daemon_not_restarted_since_an_upgrade_leaves_the_schema(
+        state_dir: Path) -> None:
+    # A queue at schema 3 (before the status indexes): `scpd retry` of the new version must
+    # not build them under the write lock while the old daemon runs on it; the daemon's
+    # next start does.
+    Store.open(state_dir).close()
+    db = sqlite3.connect(state_dir / DB_NAME)
+    db.executescript("DROP INDEX jobs_status; DROP INDEX jobs_errors; PRAGMA user_version = 3;")
+    db.close()
+
+    tool = Store.open_if_exists(state_dir)
+    assert tool is not None
+    assert tool.retry_failed() == 0
+    tool.close()
+    after_tool = _schema_of(state_dir)
+    Store.open(state_dir).close()
+
+    assert after_tool == (3, set())
+    assert _schema_of(state_dir) == (len(MIGRATIONS), {"jobs_status", "jobs_errors"})
+
+
+def _schema_of(state_dir: Path) -> tuple[int, set[str]]:
+    db = sqlite3.connect(state_dir / DB_NAME)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        indexes = {row[0] for row in db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+            " AND name IN ('jobs_status', 'jobs_errors')")}
+    finally:
+        db.close()
+    return version, indexes
