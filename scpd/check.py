@@ -40,7 +40,14 @@ from scpd.errors import (
 from scpd.logs import printable
 from scpd.transport import Credentials
 from scpd.transport.sftp import SftpUploader
-from scpd.transport.ssh import SshConnection, known_hosts_name, run_remote
+from scpd.transport.ssh import (
+    SshConnection,
+    known_hosts_name,
+    make_transport,
+    open_tcp,
+    recorded_keys,
+    run_remote,
+)
 from scpd.transport.throttle import Throttle
 
 OK, FAILED, SKIPPED, NOTE = "ok", "FAILED", "skipped", "note"
@@ -110,7 +117,9 @@ class _Probe:
     def __init__(self, target: Target, credentials: Credentials):
         self.target = target
         self.credentials = credentials
-        self.connection = SshConnection(target, credentials)
+        # Logs in on the TCP step's socket, keeping the Transport seen on the way.
+        self.connection = SshConnection(target, credentials, open_socket=self._take_socket,
+                                        transport_factory=self._observed_transport)
         self.sock: socket.socket | None = None
         self.seen: paramiko.Transport | None = None  # also when the login failed
         self.transport: paramiko.Transport | None = None  # once logged in
@@ -154,7 +163,7 @@ class _Probe:
         t = self.target
         started = time.monotonic()
         try:
-            self.sock = self.connection.open_socket(t)
+            self.sock = open_tcp(t)
         except ConnectError as exc:
             return Step(label, FAILED, str(exc), _connect_fixes(t, exc.cause))
         elapsed = time.monotonic() - started
@@ -184,26 +193,24 @@ class _Probe:
         return Step(label, OK, f"{shown} was new: recorded in {t.known_hosts}"
                     ' (host_key_policy = "accept-new")')
 
+    def _take_socket(self, target: Target) -> socket.socket:
+        """The TCP step's socket, which the connection then owns and closes; a new one if the
+        connection is made again."""
+        sock, self.sock = self.sock, None
+        return sock if sock is not None else open_tcp(target)
+
+    def _observed_transport(self, *args, **kwargs) -> paramiko.Transport:
+        self.seen = make_transport(*args, **kwargs)
+        return self.seen
+
     def _connect(self) -> paramiko.Transport | None:
-        """Log in on the TCP step's socket, keeping the paramiko Transport seen on the way (its
-        host key and login method), also when the login fails."""
-        sock, connection = self.sock, self.connection
-        open_socket, make_transport = connection.open_socket, connection.transport_factory
-
-        def observed(*args, **kwargs) -> paramiko.Transport:
-            self.seen = make_transport(*args, **kwargs)
-            return self.seen
-
-        connection.open_socket = lambda _target: sock
-        connection.transport_factory = observed
-        self.sock = None  # the connection's now: it closes it
+        """Log in, keeping the paramiko Transport seen on the way (its host key and login
+        method), also when the login fails."""
         try:
-            return connection.transport()
+            return self.connection.transport()
         except ScpdError as exc:
             self.error = exc
             return None
-        finally:
-            connection.open_socket, connection.transport_factory = open_socket, make_transport
 
     def _login(self, label: str) -> Step:
         t, error = self.target, self.error
@@ -468,11 +475,10 @@ def _recorded_keys(known_hosts: Path, hostname: str) -> list[paramiko.PKey]:
     """The keys known_hosts holds for hostname (none if it cannot be read: connecting then
     says why)."""
     try:
-        entry = paramiko.HostKeys(str(known_hosts)).lookup(hostname)
+        return list(recorded_keys(known_hosts, hostname).values())
     except (OSError, UnicodeDecodeError, ValueError, paramiko.SSHException,
             paramiko.hostkeys.InvalidHostKey):
         return []
-    return [] if entry is None else list(entry.values())
 
 
 def _sftp_mode(sftp: paramiko.SFTPClient, path: bytes) -> int | None:

@@ -128,7 +128,7 @@ class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
             with _known_hosts_lock:
                 # Several connections meet a new host at once: the first records its key,
                 # the others find it there (or find that it differs, and refuse).
-                recorded = _recorded_key(self.known_hosts, hostname, key.get_name())
+                recorded = recorded_keys(self.known_hosts, hostname).get(key.get_name())
                 if recorded is None:
                     self._record(hostname, key)
         except OSError as exc:
@@ -159,11 +159,12 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def _recorded_key(known_hosts: Path, hostname: str, key_type: str) -> paramiko.PKey | None:
+def recorded_keys(known_hosts: Path, hostname: str) -> dict[str, paramiko.PKey]:
+    """{key type: key} that known_hosts holds for hostname (as known_hosts names it)."""
     if not known_hosts.exists():
-        return None
+        return {}
     entry = paramiko.HostKeys(str(known_hosts)).lookup(hostname)
-    return None if entry is None else entry.get(key_type)
+    return {} if entry is None else {key_type: entry[key_type] for key_type in entry}
 
 
 def known_hosts_name(target: Target) -> str:
@@ -211,13 +212,13 @@ def _host_keys_client(target: Target) -> paramiko.SSHClient:
     return client
 
 
-def _transport_factory(sock, **kwargs) -> paramiko.Transport:
+def make_transport(sock, **kwargs) -> paramiko.Transport:
     transport = paramiko.Transport(sock, **kwargs)
     transport.get_security_options().ciphers = _CIPHERS
     return transport
 
 
-def _open_socket(target: Target) -> socket.socket:
+def open_tcp(target: Target) -> socket.socket:
     try:
         sock = socket.create_connection((target.host, target.port),
                                         timeout=target.connect_timeout_seconds)
@@ -231,7 +232,12 @@ def _open_socket(target: Target) -> socket.socket:
 class SshConnection:
     """One SSH connection to a target, opened on first use and rebuilt after a loss."""
 
-    def __init__(self, target: Target, credentials: Credentials):
+    def __init__(self, target: Target, credentials: Credentials, *,
+                 open_socket: Callable[[Target], socket.socket] | None = None,
+                 transport_factory: Callable[..., paramiko.Transport] | None = None):
+        """open_socket, transport_factory: for `scpd check`, which times the TCP connect and
+        reads the host key and login method off the paramiko Transport, to report each as
+        a step of its own."""
         self.target = target
         self.credentials = credentials
         self._client: paramiko.SSHClient | None = None
@@ -239,10 +245,8 @@ class SshConnection:
         self._is_retired = False
         #: time.monotonic() when a connection last got through host key and login (0: never).
         self.connected_at = 0.0
-        # Hooks for `scpd check`, which times the TCP connect and reads the host key and the
-        # login method off the paramiko Transport, to report each as a step of its own.
-        self.open_socket: Callable[[Target], socket.socket] = _open_socket
-        self.transport_factory: Callable[..., paramiko.Transport] = _transport_factory
+        self.open_socket = open_socket or open_tcp
+        self.transport_factory = transport_factory or make_transport
 
     def transport(self) -> paramiko.Transport:
         if self._is_retired:

@@ -143,6 +143,26 @@ def test_sftp_refuses_a_link_at_its_temporary_name_instead_of_following_it(
     assert not (remote_dir / "a.bin").exists() and not (remote_dir / "b.bin").exists()
 
 
+def test_sftp_removes_a_stale_temporary_file_even_when_the_local_file_is_gone(
+        tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path):
+    from scpd.errors import SourceVanished
+
+    # The job of a vanished file is dropped, and its record of the temp with it: the temp
+    # must go first, or nothing would ever remove it.
+    s = sftp_setup(tmp_path, sshd, known_hosts, remote_dir)
+    stale = remote_dir / ".gone.txt.0badc0de.scpd-part"
+    stale.write_bytes(b"half of an earlier attempt")
+    uploader = uploader_for(s)
+    try:
+        with pytest.raises(SourceVanished):
+            uploader.upload(s.watch_dir / "gone.txt", str(remote_dir / "gone.txt"),
+                            stale_temp_path=str(stale), base=str(remote_dir))
+    finally:
+        uploader.close()
+
+    assert not stale.exists()
+
+
 def test_sftp_removes_the_temporary_file_of_the_attempt_before_and_never_reuses_it(
         tmp_path: Path, sshd: ThrowawaySshd, known_hosts: Path, remote_dir: Path):
     s = sftp_setup(tmp_path, sshd, known_hosts, remote_dir)
